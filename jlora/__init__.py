@@ -1,0 +1,21 @@
+"""jlora: LoRA (Hu et al. 2021) as pure functions over JAX parameter pytrees.
+
+    config = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=("query", "value"))
+    lora = jlora.init(rng, params, config)
+    f = jlora.apply(model.apply, config)      # f(params, lora, *args) == model.apply(params', *args)
+    merged = jlora.merge(params, lora, config)
+"""
+from jlora.config import LoraConfig
+from jlora.core import KernelLayout, delta, init, merge, unmerge
+from jlora.intercept import LoraApply, apply, find_layouts
+from jlora.layers import LoraDense
+from jlora.optim import labels, optimizer, split
+from jlora.summary import LoraCount, count
+from jlora.tree import combine, partition
+
+__version__ = "0.1.0"
+__all__ = [
+    "LoraConfig", "KernelLayout", "LoraApply", "LoraCount", "LoraDense",
+    "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
+    "partition", "split", "unmerge",
+]

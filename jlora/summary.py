@@ -1,0 +1,58 @@
+"""Parameter counts: what trains, what is frozen, and what an adapter checkpoint weighs."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from jlora.config import LoraConfig
+from jlora.optim import split
+from jlora.tree import LORA_KEYS, Tree, flatten
+
+
+def _size(tree: Tree) -> tuple[int, int]:
+    leaves = jax.tree_util.tree_leaves(tree)
+    count = sum(math.prod(np.shape(x)) for x in leaves)
+    nbytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+    return count, nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraCount:
+    """Counts for a base model with adapters.
+
+    Attributes:
+      base: parameters of the base model (frozen and trainable base leaves).
+      adapter: ``lora_a``/``lora_b`` parameters.
+      trainable: parameters that receive gradients (adapters + released biases/modules_to_save).
+      checkpoint_bytes: bytes of the trainable tree, i.e. of an adapter checkpoint's tensors.
+      base_bytes: bytes of the base params, i.e. of a full checkpoint's tensors.
+    """
+
+    base: int
+    adapter: int
+    trainable: int
+    checkpoint_bytes: int
+    base_bytes: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        """``trainable / base``."""
+        return self.trainable / self.base if self.base else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || base params: {self.base:,} || "
+                f"trainable%: {100 * self.trainable_fraction:.4f} || adapter checkpoint: "
+                f"{self.checkpoint_bytes / 2**20:.3f} MiB vs full {self.base_bytes / 2**20:.3f} MiB")
+
+
+def count(params: Tree, lora: Tree, config: LoraConfig) -> LoraCount:
+    """Count base, adapter and trainable parameters and checkpoint bytes."""
+    trainable, _ = split(params, lora, config)
+    n_base, base_bytes = _size(params)
+    n_adapter, _ = _size({k: v for k, v in flatten(lora, "lora").items() if k[-1] in LORA_KEYS})
+    n_trainable, trainable_bytes = _size(trainable)
+    return LoraCount(base=n_base, adapter=n_adapter, trainable=n_trainable,
+                     checkpoint_bytes=trainable_bytes, base_bytes=base_bytes)
