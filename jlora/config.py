@@ -46,7 +46,8 @@ def _as_pairs(name: str, value: Mapping[str, Any] | Iterable[tuple[str, Any]] | 
         except re.error as err:
             raise ValueError(f"LoraConfig.{name}: {key!r} is not a valid regular expression ({err})") from None
         if isinstance(item, bool) or not isinstance(item, (int, float)) or (kind is int and int(item) != item):
-            raise ValueError(f"LoraConfig.{name}[{key!r}]: expected a {kind.__name__}, got {item!r}")
+            wanted = "an integer" if kind is int else "a number"
+            raise ValueError(f"LoraConfig.{name}[{key!r}]: expected {wanted}, got {item!r}")
         if item <= 0:
             raise ValueError(f"LoraConfig.{name}[{key!r}]: must be > 0, got {item!r}")
         pairs.append((key, kind(item)))
