@@ -54,6 +54,23 @@ def _as_pairs(name: str, value: Mapping[str, Any] | Iterable[tuple[str, Any]] | 
     return tuple(pairs)  # order kept: the first matching key wins, as in PEFT
 
 
+def _as_masks(value: Mapping[str, Sequence[bool]] | Iterable | None) -> tuple:
+    """``enable_lora`` as a hashable tuple of (pattern, mask) pairs, each mask checked."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else tuple(value)
+    pairs = []
+    for key, mask in items:
+        _as_pairs("enable_lora", {key: 1}, int)  # checks the pattern
+        mask = tuple(mask) if isinstance(mask, (list, tuple)) else mask
+        if not isinstance(mask, tuple) or len(mask) < 2 or not all(isinstance(m, bool) for m in mask) \
+                or not any(mask):
+            raise ValueError(f"LoraConfig.enable_lora[{key!r}]: expected a tuple of at least two bools with one "
+                             f"True (one per fused slice, e.g. (True, False, True) for q, k, v), got {mask!r}")
+        pairs.append((key, mask))
+    return tuple(pairs)
+
+
 def _suffix_regex(pattern: str) -> re.Pattern:
     """PEFT's ``(.*\\.)?(pattern)$`` rule with "/" as the separator."""
     return re.compile(rf"(?:.*/)?(?:{pattern})")
@@ -80,7 +97,12 @@ class LoraConfig:
         embeddings ``lora_a ~ N(0, 1)``. ``lora_b`` is zeros in all three, so the adapted model
         equals the base at init. ``False``: ``lora_b`` random too (testing only).
       fan_in_fan_out: the targeted kernels are stored transposed, (fan_out, fan_in), as in
-        GPT-2's ``FlaxConv1D``.
+        GPT-2's ``FlaxConv1D`` (PEFT's flag of the same name, for the same layers).
+      enable_lora: ``{regex: (bool, ...)}`` for fused projections (loralib's ``MergedLinear``):
+        the kernel's output features split into ``len(mask)`` equal slices and only the slices
+        marked True get an adapter, e.g. ``{"c_attn": (True, False, True)}`` adapts GPT-2's Wq
+        and Wv but not Wk. Such an adapter holds one (lora_a, lora_b) pair per enabled slice:
+        ``lora_a (*stack, n_enabled, fan_in, r)``, ``lora_b (*stack, n_enabled, r, fan_out / len(mask))``.
     """
 
     r: int = 8
@@ -94,6 +116,7 @@ class LoraConfig:
     modules_to_save: Sequence[str] | None = ()
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
+    enable_lora: Mapping[str, Sequence[bool]] | tuple = ()
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -113,6 +136,7 @@ class LoraConfig:
         set_("modules_to_save", self._names("modules_to_save", self.modules_to_save))
         set_("rank_pattern", _as_pairs("rank_pattern", self.rank_pattern, int))
         set_("alpha_pattern", _as_pairs("alpha_pattern", self.alpha_pattern, float))
+        set_("enable_lora", _as_masks(self.enable_lora))
 
     @staticmethod
     def _names(field: str, value: Sequence[str] | None) -> tuple[str, ...]:
@@ -163,6 +187,10 @@ class LoraConfig:
         """``lora_alpha`` for ``module_path``, from ``alpha_pattern`` when a key matches."""
         return _lookup(self.alpha_pattern, module_path, self.lora_alpha)
 
+    def slices_for(self, module_path: str) -> tuple[bool, ...] | None:
+        """The ``enable_lora`` mask of a fused projection at ``module_path``, else None."""
+        return _lookup(self.enable_lora, module_path, None)
+
     def scale_for(self, module_path: str, rank: int | None = None) -> float:
         """``alpha / r`` (``alpha / sqrt(r)`` with rslora) for ``module_path``."""
         rank = self.rank_for(module_path) if rank is None else rank
@@ -172,7 +200,7 @@ class LoraConfig:
     def check_patterns_used(self, module_paths: Iterable[str]) -> None:
         """Raise if a ``rank_pattern``/``alpha_pattern`` key matches none of ``module_paths``."""
         paths = tuple(module_paths)
-        for field in ("rank_pattern", "alpha_pattern"):
+        for field in ("rank_pattern", "alpha_pattern", "enable_lora"):
             for key, _ in getattr(self, field):
                 if not any(_suffix_regex(key).fullmatch(p) for p in paths):
                     raise ValueError(f"LoraConfig.{field}: pattern {key!r} matches none of the adapted "
@@ -183,6 +211,7 @@ class LoraConfig:
         out = dataclasses.asdict(self)
         out["rank_pattern"] = dict(self.rank_pattern)
         out["alpha_pattern"] = dict(self.alpha_pattern)
+        out["enable_lora"] = {key: list(mask) for key, mask in self.enable_lora}
         for key in ("target_modules", "modules_to_save"):
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])

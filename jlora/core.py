@@ -122,18 +122,31 @@ def init(rng: jax.Array, params: Tree, config: LoraConfig, *, dtype: Any = None,
         kernel = kernels[path]
         stack, fan_in, fan_out = _resolve_layout(mpath, path[-1], kernel, config, layouts).split(
             tuple(kernel.shape), mpath)
+        mask = config.slices_for(mpath)
+        if mask is not None:
+            stack, fan_out = _fused_shapes(mpath, stack, fan_in, fan_out, mask)
         rank = config.rank_for(mpath)
         limit = min(math.prod(fan_in), math.prod(fan_out))
         if rank > limit:
             source = "rank_pattern" if rank != config.r else "r"
             raise ValueError(f"LoraConfig.{source}: rank {rank} exceeds min(fan_in, fan_out) = {limit} of "
-                             f"{mpath!r} (kernel {tuple(kernel.shape)}, fan_in {fan_in}, fan_out {fan_out})")
+                             f"{mpath!r} (kernel {tuple(kernel.shape)}, fan_in {fan_in}, fan_out {fan_out}"
+                             f"{' per fused slice' if mask else ''})")
         key = jax.random.fold_in(rng, zlib.crc32(mpath.encode()))
         pair = _init_pair(key, stack, fan_in, fan_out, rank, path[-1] == "embedding",
                           config.init_lora_weights, dtype or kernel.dtype)
         for name, value in pair.items():
             flat[(*path[:-1], name)] = value
     return unflatten(flat)
+
+
+def _fused_shapes(mpath: str, stack: tuple, fan_in: tuple, fan_out: tuple,
+                  mask: tuple[bool, ...]) -> tuple[tuple, tuple]:
+    """Stack and per-slice fan_out of a fused projection: one adapter per enabled slice."""
+    if len(fan_in) != 1 or len(fan_out) != 1 or fan_out[0] % len(mask):
+        raise ValueError(f"LoraConfig.enable_lora: {mpath!r} has fan_in {fan_in} and fan_out {fan_out}, which "
+                         f"do not split into {len(mask)} equal output slices")
+    return (*stack, sum(mask)), (fan_out[0] // len(mask),)
 
 
 def _check_targets(config: LoraConfig, by_module: Mapping[str, KeyPath],
@@ -190,6 +203,23 @@ def delta(lora_a: jax.Array, lora_b: jax.Array, kernel_shape: tuple[int, ...], *
     return product.reshape(kernel_shape)
 
 
+def fused_delta(lora_a: jax.Array, lora_b: jax.Array, kernel_shape: tuple[int, ...],
+                mask: tuple[bool, ...], *, transposed: bool = False, where: str = "") -> jax.Array:
+    """``delta`` of a fused projection: slice ``i`` of the output gets ``A_i @ B_i`` if ``mask[i]``.
+
+    ``lora_a: (*stack, n_enabled, fan_in, r)``, ``lora_b: (*stack, n_enabled, r, fan_out/len(mask))``.
+    """
+    n_stack = len(kernel_shape) - 2
+    fan_out = kernel_shape[-2] if transposed else kernel_shape[-1]
+    per_slice = (*kernel_shape[:n_stack], sum(mask), kernel_shape[-1] if transposed else kernel_shape[-2],
+                 fan_out // len(mask))
+    products = delta(lora_a, lora_b, per_slice, where=where)  # (*stack, n_enabled, fan_in, slice)
+    zeros = jnp.zeros(per_slice[:n_stack] + per_slice[-2:], jnp.float32)
+    slots = iter(range(sum(mask)))
+    full = jnp.concatenate([products[..., next(slots), :, :] if on else zeros for on in mask], axis=-1)
+    return jnp.swapaxes(full, -1, -2) if transposed else full
+
+
 def _fold(params: Tree, lora: Tree, config: LoraConfig, sign: float) -> dict[str, Any]:
     in_vars = is_variables_dict(params)
     flat = flatten(params)
@@ -202,7 +232,12 @@ def _fold(params: Tree, lora: Tree, config: LoraConfig, sign: float) -> dict[str
         mpath = module_path(kernel_path, in_vars)
         kernel = flat[kernel_path]
         transposed = config.fan_in_fan_out and kernel_path[-1] == "kernel"
-        update = delta(pair["lora_a"], pair["lora_b"], kernel.shape, transposed=transposed, where=mpath)
+        mask = config.slices_for(mpath)
+        if mask is None:
+            update = delta(pair["lora_a"], pair["lora_b"], kernel.shape, transposed=transposed, where=mpath)
+        else:
+            update = fused_delta(pair["lora_a"], pair["lora_b"], kernel.shape, mask, transposed=transposed,
+                                 where=mpath)
         scale = adapter_scale(config, mpath, pair["lora_a"])
         flat[kernel_path] = (kernel.astype(jnp.float32) + sign * scale * update).astype(kernel.dtype)
     return unflatten(flat)

@@ -13,6 +13,7 @@ arrays. An adapter that no intercepted call used is an error (it would silently 
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +22,21 @@ import jax
 
 from jlora.config import LoraConfig
 from jlora.core import KernelLayout, adapter_scale
-from jlora.layers import add_delta, attend_delta, dense_delta, dropout, embed_delta
+from jlora.layers import add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
 from jlora.tree import (COLLECTION, Tree, adapter_modules, combine, flatten, is_variables_dict,
                         key_path_str)
 
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Embed)
+TRANSPOSED_LAYERS = ("FlaxConv1D",)  # HF GPT-2's projection: kernel stored (fan_out, fan_in)
+
+
+def is_transposed_layer(module: nn.Module) -> bool:
+    """Layers whose kernel is stored (fan_out, fan_in), e.g. GPT-2's ``FlaxConv1D``."""
+    return type(module).__name__ in TRANSPOSED_LAYERS
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED) or is_transposed_layer(module)
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
@@ -45,6 +56,24 @@ def _contracted_axes(module: nn.Module) -> tuple[int, ...]:
     return (-1,)
 
 
+def is_hf_model(obj: Any) -> bool:
+    """A Hugging Face ``FlaxPreTrainedModel`` (checked only if transformers is already imported)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(obj, transformers.FlaxPreTrainedModel)
+
+
+def as_params_function(fn: Any) -> Callable:
+    """``fn`` itself, or for an HF Flax model ``(params, *a, **kw) -> model(*a, params=params, **kw)``."""
+    if is_hf_model(fn):
+        def call_model(params: Tree, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, params=params, **kwargs)
+        return call_model
+    if not callable(fn):
+        raise TypeError(f"jlora.apply: fn must be callable (e.g. module.apply) or an HF Flax model, "
+                        f"got {type(fn).__name__}")
+    return fn
+
+
 class _Interceptor:
     """Adds the LoRA path to adapted layers; records which adapters were used."""
 
@@ -55,7 +84,7 @@ class _Interceptor:
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        if context.method_name not in ("__call__", "attend") or not isinstance(module, SUPPORTED) \
+        if context.method_name not in ("__call__", "attend") or not is_adaptable(module) \
                 or not module.has_variable(COLLECTION, "lora_a"):
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
@@ -64,6 +93,12 @@ class _Interceptor:
         if lora_b is None:
             raise ValueError(f"lora: module {path!r} has lora_a but no lora_b")
         scale = adapter_scale(self.config, path, lora_a)
+        if not isinstance(module, nn.Embed) and is_transposed_layer(module) != self.config.fan_in_fan_out:
+            raise ValueError(
+                f"LoraConfig.fan_in_fan_out={self.config.fan_in_fan_out} but the layer at {path!r} "
+                f"({type(module).__name__}) stores its kernel as "
+                f"{'(fan_out, fan_in)' if is_transposed_layer(module) else '(fan_in, fan_out)'}: set "
+                f"fan_in_fan_out={is_transposed_layer(module)} (one config cannot mix both kinds)")
         self.used.add(path)
         base = next_fun(*args, **kwargs)
         x = _first_input(args, kwargs)
@@ -77,6 +112,9 @@ class _Interceptor:
         if self.config.lora_dropout > 0.0 and module.has_rng(self.dropout_rng):
             rng = module.make_rng(self.dropout_rng)
         x = dropout(x, self.config.lora_dropout, rng)
+        mask = self.config.slices_for(path)
+        if mask is not None:
+            return add_delta(base, fused_dense_delta(x, lora_a, lora_b, scale, mask, precision=module.precision))
         return add_delta(base, dense_delta(x, lora_a, lora_b, scale, axis=_contracted_axes(module),
                                            precision=module.precision))
 
@@ -85,7 +123,9 @@ class LoraApply:
     """``f(params, lora, *args, **kwargs)``: ``fn`` with every adapter in ``lora`` applied.
 
     Args (of the call):
-      params: what ``fn`` takes first (a linen variables dict for ``module.apply``).
+      params: what ``fn`` takes first (a linen variables dict for ``module.apply``; an HF Flax
+        model's params dict, when ``fn`` is the model: its inputs, ``dropout_rng`` and ``train``
+        pass through as keyword/positional args).
       lora: the adapter tree of :func:`jlora.init`, or the trainable tree of :func:`jlora.split`
         (its trained biases / ``modules_to_save`` replace the frozen ones).
       *args, **kwargs: passed through to ``fn``. LoRA dropout is active when ``fn`` is given an
@@ -96,9 +136,8 @@ class LoraApply:
                  allow_unused: bool = False):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"jlora.apply: config must be a jlora.LoraConfig, got {type(config).__name__}")
-        if not callable(fn):
-            raise TypeError(f"jlora.apply: fn must be callable (e.g. module.apply), got {type(fn).__name__}")
-        self.fn, self.config = fn, config
+        self.model = fn if is_hf_model(fn) else None
+        self.fn, self.config = as_params_function(fn), config
         self.dropout_rng, self.allow_unused = dropout_rng, allow_unused
 
     def __call__(self, params: Tree, lora: Tree, *args: Any, **kwargs: Any) -> Any:
@@ -138,19 +177,21 @@ def find_layouts(fn: Callable, params: Tree, *args: Any, **kwargs: Any) -> dict[
     layer call, compares the kernel the layer sees with the one in ``params``: extra leading axes
     are stacked layers (``nn.scan``), the layer's ``axis`` gives the input axes.
     """
+    fn = as_params_function(fn)
     flat = flatten(params)
     prefix = (COLLECTION,) if is_variables_dict(params) else ()
     layouts: dict[str, KernelLayout] = {}
 
     def record(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, SUPPORTED):
+        if context.method_name == "__call__" and is_adaptable(module):
             leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
             seen = module.get_variable(COLLECTION, leaf)
             stored = flat.get((*prefix, *module.path, leaf))
             if seen is not None and stored is not None:
                 layouts["/".join(module.path)] = KernelLayout(
-                    stack_dims=stored.ndim - seen.ndim, in_dims=len(_contracted_axes(module)))
+                    stack_dims=stored.ndim - seen.ndim, in_dims=len(_contracted_axes(module)),
+                    transposed=is_transposed_layer(module))
         return next_fun(*a, **kw)
 
     with nn.intercept_methods(record):

@@ -62,6 +62,22 @@ def dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, *,
     return out * jnp.asarray(scale, dtype)
 
 
+def fused_dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, mask: Sequence[bool], *,
+                      precision: Any = None) -> Array:
+    """The low-rank path of a fused projection (loralib's ``MergedLinear``).
+
+    ``lora_a: (n_enabled, fan_in, r)``, ``lora_b: (n_enabled, r, slice)``; the output
+    ``(..., len(mask) * slice)`` holds ``scale * (x @ A_i) @ B_i`` in each enabled slice, zeros elsewhere.
+    """
+    dtype = _compute_dtype(x, lora_a)
+    hidden = jnp.einsum("...i,eir->...er", x.astype(dtype), lora_a.astype(dtype), precision=precision)
+    parts = jnp.einsum("...er,ero->...eo", hidden, lora_b.astype(dtype), precision=precision) \
+        * jnp.asarray(scale, dtype)
+    zeros = jnp.zeros(parts.shape[:-2] + parts.shape[-1:], dtype)
+    slots = iter(range(parts.shape[-2]))
+    return jnp.concatenate([parts[..., next(slots), :] if on else zeros for on in mask], axis=-1)
+
+
 def embed_delta(ids: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
     """``scale * lora_a[ids] @ lora_b`` for an embedding lookup; ``lora_a: (vocab, r)``."""
     rows = jnp.take(lora_a, ids, axis=0)
