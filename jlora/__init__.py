@@ -12,10 +12,11 @@ from jlora.layers import LoraDense
 from jlora.optim import labels, optimizer, split
 from jlora.summary import LoraCount, count
 from jlora.tree import combine, partition
+from jlora import hf  # noqa: E402  (jlora.hf imports transformers lazily: not at all)
 
 __version__ = "0.1.0"
 __all__ = [
-    "LoraConfig", "KernelLayout", "LoraApply", "LoraCount", "LoraDense",
+    "hf", "LoraConfig", "KernelLayout", "LoraApply", "LoraCount", "LoraDense",
     "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
     "partition", "split", "unmerge",
 ]

@@ -1,0 +1,14 @@
+"""Hugging Face interop: wrap transformers Flax models, export merged weights, PEFT adapters.
+
+    model = transformers.FlaxGPT2LMHeadModel(...)
+    config = jlora.hf.default_config(model, r=4)          # the paper's W_q, W_v
+    f = jlora.apply(model, config)                        # f(params, lora, input_ids, ...)
+    jlora.hf.export_merged("out/merged", model, model.params, lora, config)
+    jlora.hf.save_peft("out/adapter", model, lora, config)
+    lora, config = jlora.hf.load_peft("out/adapter", model)
+"""
+from jlora.hf.export import export_merged
+from jlora.hf.families import DEFAULT_TARGETS, default_config, model_type
+from jlora.hf.peft import load_peft, save_peft
+
+__all__ = ["DEFAULT_TARGETS", "default_config", "export_merged", "load_peft", "model_type", "save_peft"]
