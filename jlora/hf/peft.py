@@ -111,8 +111,10 @@ def save_peft(out_dir: str | os.PathLike, model: Any, lora: Tree, config: LoraCo
     if not ranks:
         raise ValueError("lora: no adapters (lora_a/lora_b pairs) to save")
     others = {p: v for p, v in flat.items() if p[-1] not in LORA_KEYS}
+    adapted = {torch_module(m) for m in ranks}
     for key, value in to_torch_state(unflatten(others)).items() if others else ():
-        tensors[PREFIX + key] = value.astype(np.float32)
+        owner, leaf = key.rsplit(".", 1)  # PEFT wraps an adapted layer: its own bias is base_layer.bias
+        tensors[PREFIX + (f"{owner}.base_layer.{leaf}" if owner in adapted else key)] = value.astype(np.float32)
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     peft_config = {
@@ -176,7 +178,7 @@ def load_peft(in_dir: str | os.PathLike, model: Any) -> tuple[dict[str, Any], Lo
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{in_dir / WEIGHTS_FILE}: key {key!r} does not start with {PREFIX!r}")
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX):].replace(".base_layer.", ".")
         suffix = next((s for s in suffixes if name.endswith(s)), None)
         owner = name[:-len(suffix)] if suffix else name.rsplit(".", 1)[0]
         if owner not in by_torch:

@@ -1,0 +1,103 @@
+"""End to end for every HF family: wrap -> train -> merge -> export -> PyTorch transformers loads it."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import jlora
+from hf_cases import CASES
+
+
+def loss_fn(case, logits, batch):
+    if case.task == "cls":
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    targets = batch["decoder_input_ids"] if case.task == "seq2seq" else batch["input_ids"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets[:, 1:]).mean()
+
+
+def train(case, model, config, steps=4):
+    lora = jlora.init(jax.random.key(0), model.params, config)
+    trainable, frozen = jlora.split(model.params, lora, config)
+    f = jlora.apply(model, config)
+    tx = jlora.optimizer(optax.adam(3e-2), config)
+    opt_state = tx.init(trainable)
+    batch = {**case.inputs(batch=4), "labels": np.array([0, 1, 2, 1])}
+
+    @jax.jit
+    def step(trainable, opt_state, rng):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        loss, grads = jax.value_and_grad(
+            lambda t: loss_fn(case, f(frozen, t, **inputs, dropout_rng=rng, train=True).logits, batch))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    losses = []
+    for i in range(steps):
+        trainable, opt_state, loss = step(trainable, opt_state, jax.random.key(i))
+        losses.append(float(loss))
+    return trainable, frozen, losses
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_identity_at_init(name):
+    case = CASES[name]
+    model = case.model()
+    config = jlora.hf.default_config(model, r=4)
+    lora = jlora.init(jax.random.key(0), model.params, config)
+    inputs = case.inputs()
+    np.testing.assert_array_equal(jlora.apply(model, config)(model.params, lora, **inputs).logits,
+                                  model(**inputs).logits)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_train_merge_export_load_in_torch(name, tmp_path):
+    case = CASES[name]
+    model = case.model()
+    config = jlora.hf.default_config(model, r=4, lora_alpha=8)
+    trainable, frozen, losses = train(case, model, config)
+    assert losses[-1] < losses[0]
+    inputs = case.inputs(seed=1)
+    adapted = np.asarray(jlora.apply(model, config)(frozen, trainable, **inputs).logits)
+    base = np.asarray(model(**inputs).logits)
+    assert np.abs(adapted - base).max() > 1e-3  # training changed the function
+
+    merged = jlora.merge(model.params, trainable, config)
+    np.testing.assert_allclose(model(**inputs, params=merged).logits, adapted, rtol=1e-5, atol=1e-5)
+
+    out = jlora.hf.export_merged(tmp_path / "merged", model, model.params, trainable, config)
+    torch_model, info = case.torch_cls().from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        torch_logits = torch_model.eval()(**{k: torch.tensor(v, dtype=torch.long) for k, v in inputs.items()}).logits
+    np.testing.assert_allclose(torch_logits.numpy(), adapted, rtol=1e-4, atol=1e-5)
+
+    flax_again = case.flax_cls.from_pretrained(out, from_pt=True)
+    np.testing.assert_allclose(flax_again(**inputs).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_default_adapts_only_q_and_v_slices():
+    case = CASES["gpt2"]
+    model = case.model()
+    config = jlora.hf.default_config(model, r=4)
+    assert config.fan_in_fan_out and config.slices_for("transformer/h/0/attn/c_attn") == (True, False, True)
+    lora = jlora.init(jax.random.key(0), model.params, config)
+    pair = lora["transformer"]["h"]["0"]["attn"]["c_attn"]
+    assert pair["lora_a"].shape == (2, 32, 4) and pair["lora_b"].shape == (2, 4, 32)
+    pair["lora_b"] = jnp.ones_like(pair["lora_b"])
+    merged = jlora.merge(model.params, lora, config)
+    change = merged["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"] - \
+        model.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]  # (3 * 32 out, 32 in)
+    assert float(jnp.abs(change[:32]).min()) > 0 and float(jnp.abs(change[64:]).min()) > 0
+    assert not jnp.any(change[32:64])  # W_k untouched
+
+
+def test_fan_in_fan_out_mismatch_is_an_error():
+    case = CASES["gpt2"]
+    model = case.model()
+    config = jlora.LoraConfig(r=2, target_modules=("c_proj",))
+    lora = jlora.init(jax.random.key(0), model.params, config)
+    with pytest.raises(ValueError, match=r"fan_in_fan_out=False but the layer at 'transformer/h/0/attn/c_proj' "
+                                         r"\(FlaxConv1D\) stores its kernel as \(fan_out, fan_in\)"):
+        jlora.apply(model, config)(model.params, lora, **case.inputs())
