@@ -10,5 +10,7 @@
 from jlora.hf.export import export_merged
 from jlora.hf.families import DEFAULT_TARGETS, default_config, model_type
 from jlora.hf.peft import load_peft, save_peft
+from jlora.hf.shipped import minilm_path, smollm2_gguf_path
 
-__all__ = ["DEFAULT_TARGETS", "default_config", "export_merged", "load_peft", "model_type", "save_peft"]
+__all__ = ["DEFAULT_TARGETS", "default_config", "export_merged", "load_peft", "minilm_path", "model_type",
+           "save_peft", "smollm2_gguf_path"]

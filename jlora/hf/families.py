@@ -55,7 +55,8 @@ def default_config(model: Any, **overrides: Any) -> LoraConfig:
 
 def torch_class_name(model: Any) -> str:
     """The PyTorch transformers class matching a Flax model class (``FlaxBertModel`` -> ``BertModel``)."""
-    name = type(model).__name__
+    own = next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), type(model))
+    name = own.__name__
     if not name.startswith("Flax"):
         raise TypeError(f"expected a transformers Flax model (FlaxPreTrainedModel), got {name}")
     return name[len("Flax"):]

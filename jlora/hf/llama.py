@@ -1,0 +1,131 @@
+"""Llama-architecture checkpoints from GGUF files, and a FlaxLlama that honours two config fields.
+
+transformers 4.57's ``FlaxLlamaForCausalLM`` ignores ``rope_theta`` (its sinusoids use 10000) and
+``tie_word_embeddings`` (it always has its own ``lm_head``). :class:`FlaxLlamaForCausalLMFixed`
+is the same model with both honoured: rotary embeddings recomputed with the config's base, and,
+when tied, an ``lm_head`` kernel derived from the input embedding at every call (so the params
+tree has no ``lm_head``, as in PyTorch's tied checkpoints, and adapters on the embedding act on
+both ends).
+
+GGUF (llama.cpp's format) stores Llama's q/k projections with rows permuted for its rotary
+layout; :func:`load_gguf_llama` dequantizes every tensor with the ``gguf`` package, undoes that
+permutation (as llama.cpp's converter and transformers' GGUF loader do) and maps the names, with
+no torch and no hub.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from transformers import FlaxLlamaForCausalLM, LlamaConfig
+from transformers.models.llama import modeling_flax_llama
+
+from jlora.tree import unflatten
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _rotary_with_theta(theta: float):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, modeling_flax_llama.FlaxLlamaRotaryEmbedding) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        key, query, position_ids = args
+        head_dim = module.config.hidden_size // module.config.num_attention_heads
+        inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2) / head_dim))
+        freqs = jnp.asarray(position_ids, jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+        emb = jnp.concatenate((freqs, freqs), axis=-1)[:, :, None, :]
+        sin, cos = jnp.sin(emb), jnp.cos(emb)
+        rotate = modeling_flax_llama.apply_rotary_pos_emb
+        return (jnp.asarray(rotate(key, sin, cos), module.dtype), jnp.asarray(rotate(query, sin, cos), module.dtype))
+    return intercept
+
+
+class FlaxLlamaForCausalLMFixed(FlaxLlamaForCausalLM):
+    """``FlaxLlamaForCausalLM`` honouring ``config.rope_theta`` and ``config.tie_word_embeddings``."""
+
+    def __call__(self, *args: Any, params: dict | None = None, **kwargs: Any) -> Any:
+        params = self.params if params is None else params
+        if self.config.tie_word_embeddings:
+            embedding = params["model"]["embed_tokens"]["embedding"]
+            params = {**params, "lm_head": {"kernel": embedding.T}}
+        with nn.intercept_methods(_rotary_with_theta(float(self.config.rope_theta))):
+            return super().__call__(*args, params=params, **kwargs)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ValueError(f"GGUF file lacks the metadata field {key!r}")
+        return default
+    return field.parts[field.data[0]][0].item()
+
+
+def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation of a q/k projection (rows = heads * head_dim)."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
+
+
+def read_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | None = None
+                    ) -> tuple[LlamaConfig, dict[str, Any]]:
+    """``(LlamaConfig, Flax params)`` from a Llama GGUF file, dequantized to float32."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
+    heads, kv_heads = _field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")
+    tensors = {t.name: t for t in reader.tensors}
+    vocab, hidden = tensors["token_embd.weight"].shape[1], tensors["token_embd.weight"].shape[0]
+    context = _field(reader, "llama.context_length")
+    config = LlamaConfig(
+        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=_field(reader, "llama.feed_forward_length"),
+        num_hidden_layers=_field(reader, "llama.block_count"), num_attention_heads=heads,
+        num_key_value_heads=kv_heads, rms_norm_eps=_field(reader, "llama.attention.layer_norm_rms_epsilon"),
+        rope_theta=_field(reader, "llama.rope.freq_base", 10000.0),
+        max_position_embeddings=min(context, max_position_embeddings or context),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", 1),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", 2),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", 2))
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for name, tensor in tensors.items():
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        weight = weight.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # torch layout (out, in)
+        parts = name.split(".")
+        if parts[0] == "blk":
+            kind = parts[2]
+            if kind == "attn_q":
+                weight = _unpermute(weight, heads)
+            elif kind == "attn_k":
+                weight = _unpermute(weight, kv_heads)
+            module = ("model", "layers", parts[1], *GGUF_NAMES[kind].split("."))
+        else:
+            module = {"token_embd": ("model", "embed_tokens"), "output_norm": ("model", "norm"),
+                      "output": ("lm_head",)}[parts[0]]
+        if module[-1] == "embed_tokens":
+            flat[(*module, "embedding")] = weight
+        elif weight.ndim == 2:
+            flat[(*module, "kernel")] = np.ascontiguousarray(weight.T)
+        else:
+            flat[(*module, "weight")] = weight
+    return config, unflatten(flat)
+
+
+def load_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | None = 2048,
+                    dtype: Any = jnp.float32) -> tuple[FlaxLlamaForCausalLMFixed, dict[str, Any]]:
+    """A ready :class:`FlaxLlamaForCausalLMFixed` and its params from a GGUF file.
+
+    ``max_position_embeddings`` caps the context (FlaxLlama builds a max_pos² causal mask).
+    """
+    config, params = read_gguf_llama(path, max_position_embeddings=max_position_embeddings)
+    model = FlaxLlamaForCausalLMFixed(config, dtype=dtype, _do_init=False)
+    return model, params
