@@ -1,0 +1,73 @@
+"""Merged exports load in transformers 5 (PyTorch) too, in a separate install made by the test.
+
+transformers 5 has no Flax models, so it cannot share an environment with the Flax side: it is
+installed with ``pip install --target`` into a cache folder and run in a subprocess with that
+folder first on ``PYTHONPATH`` (torch and safetensors come from the test environment).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jlora
+from hf_cases import CASES
+
+TRANSFORMERS_5 = "transformers==5.24.0"
+LOADER = r"""
+import json, sys
+import numpy as np, torch, transformers
+assert transformers.__version__.startswith("5."), transformers.__version__
+report = {}
+for job in json.load(open(sys.argv[1])):
+    model, info = getattr(transformers, job["cls"]).from_pretrained(job["dir"], output_loading_info=True)
+    inputs = {k: torch.tensor(np.load(v), dtype=torch.long) for k, v in job["inputs"].items()}
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits.numpy()
+    report[job["name"]] = {"missing": list(info["missing_keys"]), "unexpected": list(info["unexpected_keys"]),
+                           "max_diff": float(np.abs(logits - np.load(job["expected"])).max()),
+                           "version": transformers.__version__}
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="session")
+def transformers5(tmp_path_factory):
+    target = Path(os.environ.get("JLORA_TRANSFORMERS5_DIR", tmp_path_factory.mktemp("transformers5")))
+    if not (target / "transformers").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), TRANSFORMERS_5],
+                       check=True)
+    return target
+
+
+def test_exports_load_in_transformers_5(transformers5, tmp_path):
+    jobs = []
+    for name, case in sorted(CASES.items()):
+        model = case.model()
+        config = jlora.hf.default_config(model, r=4)
+        lora = jax.tree_util.tree_map(lambda x: x + 0.02, jlora.init(jax.random.key(0), model.params, config))
+        inputs = case.inputs()
+        expected = np.asarray(jlora.apply(model, config)(model.params, lora, **inputs).logits)
+        out = jlora.hf.export_merged(tmp_path / name, model, model.params, lora, config)
+        saved = {}
+        for key, value in inputs.items():
+            np.save(tmp_path / f"{name}_{key}.npy", value)
+            saved[key] = str(tmp_path / f"{name}_{key}.npy")
+        np.save(tmp_path / f"{name}_expected.npy", expected)
+        jobs.append({"name": name, "cls": case.torch_name, "dir": str(out), "inputs": saved,
+                     "expected": str(tmp_path / f"{name}_expected.npy")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(transformers5), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "jobs.json")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    print(json.dumps(report, indent=1))
+    assert sorted(report) == sorted(CASES)
+    for name, result in report.items():
+        assert not result["missing"] and not result["unexpected"], (name, result)
+        assert result["max_diff"] < 1e-4, (name, result)
