@@ -101,3 +101,17 @@ def test_fan_in_fan_out_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"fan_in_fan_out=False but the layer at 'transformer/h/0/attn/c_proj' "
                                          r"\(FlaxConv1D\) stores its kernel as \(fan_out, fan_in\)"):
         jlora.apply(model, config)(model.params, lora, **case.inputs())
+
+
+def test_paper_settings_trainable_counts():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from paper_counts import SETTINGS, count_setting
+
+    for name, layers, width, rank in (("GPT-2 Medium", 24, 1024, 4), ("GPT-2 Large", 36, 1280, 4),
+                                      ("RoBERTa-base", 12, 768, 8)):
+        config, flax_cls, r, _ = SETTINGS[name]
+        counts = count_setting(config, flax_cls, r)
+        assert counts.trainable == counts.adapter == layers * 2 * (width * rank + rank * width), name
+        assert counts.checkpoint_bytes == 4 * counts.trainable
