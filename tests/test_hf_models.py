@@ -115,3 +115,32 @@ def test_paper_settings_trainable_counts():
         counts = count_setting(config, flax_cls, r)
         assert counts.trainable == counts.adapter == layers * 2 * (width * rank + rank * width), name
         assert counts.checkpoint_bytes == 4 * counts.trainable
+
+
+def test_lora_dropout_follows_dropout_rng_and_train():
+    import transformers as tf
+    case = CASES["bert"]
+    model = tf.FlaxBertForSequenceClassification(
+        tf.BertConfig(**{**case.config.to_dict(), "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    config = jlora.hf.default_config(model, r=4, lora_dropout=0.5)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, jlora.init(jax.random.key(0), model.params, config))
+    f = jlora.apply(model, config)
+    inputs = case.inputs()
+    evaluation = f(model.params, lora, **inputs).logits
+    merged = model(**inputs, params=jlora.merge(model.params, lora, config)).logits
+    np.testing.assert_allclose(evaluation, merged, rtol=1e-5, atol=1e-6)
+    a = f(model.params, lora, **inputs, dropout_rng=jax.random.key(1), train=True).logits
+    b = f(model.params, lora, **inputs, dropout_rng=jax.random.key(1), train=True).logits
+    c = f(model.params, lora, **inputs, dropout_rng=jax.random.key(2), train=True).logits
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(evaluation)).max() > 1e-4
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
+
+
+def test_export_for_the_wrong_model_writes_nothing(tmp_path):
+    llama, gpt2 = CASES["llama"].model(), CASES["gpt2"].model()
+    config = jlora.hf.default_config(llama, r=4)
+    lora = jlora.init(jax.random.key(0), llama.params, config)
+    with pytest.raises(ValueError, match=r"no kernel or embedding at 'model/layers/0/self_attn/q_proj' in params"):
+        jlora.hf.export_merged(tmp_path / "out", gpt2, gpt2.params, lora, config)
+    assert list(tmp_path.iterdir()) == []
