@@ -12,11 +12,14 @@ from jlora.layers import LoraDense
 from jlora.optim import labels, optimizer, split
 from jlora.summary import LoraCount, count
 from jlora.tree import combine, partition
+from jlora.train import make_pmap_train_step, make_train_step, plan_shardings
+from jlora.checkpoint import AdapterCheckpointer
 from jlora import hf  # noqa: E402  (jlora.hf imports transformers lazily: not at all)
 
 __version__ = "0.1.0"
 __all__ = [
     "hf", "LoraConfig", "KernelLayout", "LoraApply", "LoraCount", "LoraDense",
     "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
-    "partition", "split", "unmerge",
+    "partition", "split", "unmerge", "make_train_step", "make_pmap_train_step", "plan_shardings",
+    "AdapterCheckpointer",
 ]

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jlora.config import LoraConfig
@@ -56,12 +59,18 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig) -> optax.Gra
 def split(params: Tree, lora: Tree, config: LoraConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Partition ``params`` + ``lora`` into ``(trainable, frozen)``.
 
-    ``trainable`` holds the adapters plus the base leaves the config trains (biases,
-    ``modules_to_save``); ``frozen`` holds the rest of ``params``. ``combine(frozen, trainable)``
+    ``trainable`` holds the adapters plus copies of the base leaves the config trains (biases,
+    ``modules_to_save``; copied so that donating ``trainable`` to a train step leaves ``params``
+    usable); ``frozen`` holds the rest of ``params``. ``combine(frozen, trainable)``
     rebuilds the whole tree, and ``jlora.apply(fn, config)(frozen, trainable, ...)`` runs the model.
     """
     in_vars = is_variables_dict(params)
     trainable, frozen = {}, {}
     for path, leaf in flatten(combine(params, lora)).items():
-        (trainable if _is_trainable(path, in_vars, config) else frozen)[path] = leaf
+        if not _is_trainable(path, in_vars, config):
+            frozen[path] = leaf
+        elif path[-1] in LORA_KEYS or not isinstance(leaf, (jax.Array, np.ndarray)):
+            trainable[path] = leaf
+        else:  # a copy: a train step that donates `trainable` must not delete the caller's params
+            trainable[path] = jnp.array(leaf, copy=True)
     return unflatten(trainable), unflatten(frozen)

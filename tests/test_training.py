@@ -124,3 +124,14 @@ def test_count_reports_trainable_and_checkpoint_bytes():
     assert (counts.base, counts.adapter, counts.trainable) == (base, adapter, adapter + 32)
     assert counts.checkpoint_bytes == 4 * (adapter + 32) and counts.base_bytes == 4 * base
     assert "trainable params: 140" in str(counts)
+
+
+def test_split_copies_trained_base_leaves_so_donation_keeps_params_alive():
+    model = MLP()
+    params = init_model(model, ((2, 6), jnp.float32))
+    config = jlora.LoraConfig(r=2, target_modules=("fc1",), modules_to_save=("classifier",), bias="all")
+    trainable, frozen = jlora.split(params, jlora.init(jax.random.key(0), params, config), config)
+    jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 1, t), donate_argnums=0)(trainable)
+    np.testing.assert_array_equal(model.apply(params, X), model.apply(jlora.combine(frozen, {
+        "params": {"classifier": params["params"]["classifier"], "fc1": {"bias": params["params"]["fc1"]["bias"]},
+                   "fc2": {"bias": params["params"]["fc2"]["bias"]}}}), X))
