@@ -1,0 +1,37 @@
+"""Smoke tests: the examples and benchmarks run and write what they say (tiny settings)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=600):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_tiny_finetune_example(tmp_path):
+    out = run(ROOT / "examples" / "tiny_finetune.py", "--steps", "60", "--out", tmp_path / "run")
+    final = [line for line in out.splitlines() if line.startswith("final:")]
+    assert final, out[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > metrics["base_task2_accuracy"] + 0.2
+    assert metrics["merge_max_abs_diff"] < 1e-4 and metrics["trainable_params"] < 0.05 * metrics["base_params"]
+
+
+def test_compiled_memory_benchmark(tmp_path):
+    out = run(ROOT / "benchmarks" / "compiled_memory.py", "--model", "big-kernel", "--out", tmp_path / "m.json")
+    assert "| temp |" in out
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["lora"]["temp"] < result["full"]["temp"] / 4  # no 4096x4096 gradient in the LoRA step
+
+
+def test_checkpoint_size_benchmark(tmp_path):
+    out = run(ROOT / "benchmarks" / "checkpoint_size.py", "--out", tmp_path / "c.json")
+    result = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert result["gpt2-medium"]["adapter_params"] == 24 * 2 * (1024 * 4 * 2)
+    assert "gpt2-xl" in out
