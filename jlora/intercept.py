@@ -84,8 +84,8 @@ class _Interceptor:
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        if context.method_name not in ("__call__", "attend") or not is_adaptable(module) \
-                or not module.has_variable(COLLECTION, "lora_a"):
+        wrapped = context.method_name == "__call__" or (context.method_name == "attend" and isinstance(module, nn.Embed))
+        if not wrapped or not is_adaptable(module) or not module.has_variable(COLLECTION, "lora_a"):
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
         lora_a = module.get_variable(COLLECTION, "lora_a")
@@ -106,15 +106,14 @@ class _Interceptor:
             if context.method_name == "attend":
                 return add_delta(base, attend_delta(x, lora_a, lora_b, scale))
             return add_delta(base, embed_delta(x, lora_a, lora_b, scale))
-        if context.method_name != "__call__":
-            return base
         rng = None
         if self.config.lora_dropout > 0.0 and module.has_rng(self.dropout_rng):
             rng = module.make_rng(self.dropout_rng)
         x = dropout(x, self.config.lora_dropout, rng)
         mask = self.config.slices_for(path)
         if mask is not None:
-            return add_delta(base, fused_dense_delta(x, lora_a, lora_b, scale, mask, precision=module.precision))
+            return add_delta(base, fused_dense_delta(x, lora_a, lora_b, scale, mask,
+                                                     precision=module.precision))
         return add_delta(base, dense_delta(x, lora_a, lora_b, scale, axis=_contracted_axes(module),
                                            precision=module.precision))
 
@@ -136,7 +135,6 @@ class LoraApply:
                  allow_unused: bool = False):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"jlora.apply: config must be a jlora.LoraConfig, got {type(config).__name__}")
-        self.model = fn if is_hf_model(fn) else None
         self.fn, self.config = as_params_function(fn), config
         self.dropout_rng, self.allow_unused = dropout_rng, allow_unused
 
