@@ -83,10 +83,11 @@ def load_csv(path: str | os.PathLike, *, text_column: str = "text", label_column
     path = Path(path)
     texts, raw_labels = [], []
     with open(path, newline="", encoding="utf-8", errors="strict") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, strict=True)
         missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: line 1: no column {missing}; the header has {reader.fieldnames}")
+        line = 1  # the header
         try:
             for row in reader:
                 line = reader.line_num
@@ -99,7 +100,7 @@ def load_csv(path: str | os.PathLike, *, text_column: str = "text", label_column
                 texts.append(text)
                 raw_labels.append(label)
         except (csv.Error, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: line {reader.line_num}: does not parse as CSV ({err})") from None
+            raise ValueError(f"{path}: line {line + 1}: does not parse as CSV ({err})") from None  # the row after
     names = tuple(sorted(set(raw_labels)))
     if len(names) < 2:
         raise ValueError(f"{path}: column {label_column!r} has {len(names)} distinct label(s); need at least 2")

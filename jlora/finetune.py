@@ -31,7 +31,7 @@ from jlora.data import TextDataset, load_dataset
 from jlora.report import plot_metrics, read_metrics, write_metrics
 
 MODES = ("lora", "head", "full")
-DEFAULT_LR = {"lora": 1e-3, "head": 1e-3, "full": 5e-5}
+DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 1e-4}
 
 
 @dataclasses.dataclass
@@ -216,7 +216,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         if checkpointer is None:
             raise ValueError("--resume: only --mode lora runs write checkpoints")
         done, trainable, opt_state = checkpointer.restore(trainable, opt_state)
-        start, history = done + 1, read_metrics(out, done)
+        start, history = done + 1, read_metrics(out, done + 1)  # rows count finished steps from 1
         print(f"resumed from step {done} in {out / 'checkpoints'}")
     print(summary)
     print(f"data: {dataset.source}, {len(train_set)} train / {len(held_set)} held-out examples, "
@@ -237,13 +237,13 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
             trainable, opt_state, loss = step_fn(trainable, opt_state, batch, rng)
             completed, seen = step, seen + options.batch
             row = {"step": step + 1, "loss": float(loss), "examples_per_s": seen / (time.time() - t0)}
+            history.append(row)  # before anything an interrupt could cut short; eval adds to it
             bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
             if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
                 row.update(evaluate(model, f, trainable, frozen, held))
                 bar.write(f"step {step + 1}: loss {row['loss']:.4f}, held-out accuracy {row['eval_accuracy']:.4f}")
                 if checkpointer:
                     checkpointer.save(step, trainable, opt_state, metrics=row)
-            history.append(row)
             if (step + 1) % options.eval_every == 0:
                 write_metrics(out, history)
     except KeyboardInterrupt:

