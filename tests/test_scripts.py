@@ -35,3 +35,11 @@ def test_checkpoint_size_benchmark(tmp_path):
     result = json.loads((tmp_path / "c.json").read_text())["results"]
     assert result["gpt2-medium"]["adapter_params"] == 24 * 2 * (1024 * 4 * 2)
     assert "gpt2-xl" in out
+
+
+def test_causal_lm_example(tmp_path):
+    out = run(ROOT / "examples" / "causal_lm.py", "--steps", "2", "--eval-chunks", "4", "--out", tmp_path / "clm")
+    result = json.loads((tmp_path / "clm" / "result.json").read_text())
+    assert result["perplexity_after"] < result["perplexity_before"]
+    assert result["torch_matches_flax"] is True
+    assert "held-out perplexity after 2 steps" in out and (tmp_path / "clm" / "merged" / "tokenizer.json").is_file()

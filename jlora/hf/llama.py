@@ -129,3 +129,43 @@ def load_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | N
     config, params = read_gguf_llama(path, max_position_embeddings=max_position_embeddings)
     model = FlaxLlamaForCausalLMFixed(config, dtype=dtype, _do_init=False)
     return model, params
+
+
+def _strings(reader: Any, key: str) -> list[str]:
+    field = reader.fields.get(key)
+    if field is None:
+        raise ValueError(f"GGUF file lacks the tokenizer field {key!r}")
+    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
+    """The byte-level BPE tokenizer stored in a GGUF file (``tokenizer.ggml.model == "gpt2"``), as a
+    ``transformers.PreTrainedTokenizerFast`` (no torch; ``save_pretrained`` writes tokenizer.json).
+
+    Control tokens (type 3, e.g. ``<|im_start|>``) become special tokens; digits are split one by
+    one before byte-level BPE, as SmolLM2's own tokenizer does (GGUF pre-tokenizer ``smollm``).
+    """
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = gguf.GGUFReader(str(path))
+    kind = bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode()
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
+    tokens = _strings(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _strings(reader, "tokenizer.ggml.merges")]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    special = [tokens[i] for i, t in enumerate(int(types.parts[j][0]) for j in types.data) if t == 3]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    fast.add_special_tokens({"additional_special_tokens": special})
+    ids = {name: _field(reader, f"tokenizer.ggml.{name}_token_id", -1) for name in ("bos", "eos", "padding")}
+    fast.bos_token, fast.eos_token = tokens[ids["bos"]], tokens[ids["eos"]]
+    if ids["padding"] >= 0:
+        fast.pad_token = tokens[ids["padding"]]
+    return fast
