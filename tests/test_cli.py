@@ -142,3 +142,13 @@ def test_head_only_and_full_modes(tiny_model, tmp_path, mode):
     expected = 32 * 5 + 5 if mode == "head" else final["base_params"]  # classifier (32 -> 5 classes) or all
     assert final["trainable_params"] == expected
     assert not (tmp_path / mode / "merged").exists()  # only LoRA runs export adapters
+
+
+def test_mesh_data_parallel_gives_the_same_losses(tiny_model, tmp_path):
+    losses = {}
+    for devices in (1, 2):
+        out = tmp_path / f"mesh{devices}"
+        done = jlora_cli("finetune", "--model", tiny_model, "--mesh", devices, "--out", out, "--no-export", *TINY)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[devices] = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(np.array(losses[2][1:], float), np.array(losses[1][1:], float), rtol=1e-5)
