@@ -77,28 +77,28 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple) -> dict[s
                       jnp.int32)
     tx_lora, tx_full = jlora.optimizer(optax.adamw(1e-4), config), optax.adamw(1e-4)
 
-    def lora_step(t, o, ids):
-        loss, g = jax.value_and_grad(lambda t: lm_loss(f(frozen, t, ids).logits, ids))(t)
+    def lora_step(t, o, ids, fz):  # the frozen base is an argument: closed over, XLA bakes it in as constants
+        loss, g = jax.value_and_grad(lambda t: lm_loss(f(fz, t, ids).logits, ids))(t)
         u, o = tx_lora.update(g, o, t)
         return optax.apply_updates(t, u), o, loss
 
-    def full_step(p, o, ids):
+    def full_step(p, o, ids, _):
         loss, g = jax.value_and_grad(lambda p: lm_loss(model(ids, params=p).logits, ids))(p)
         u, o = tx_full.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
 
     out: dict[str, Any] = {}
-    for name, step, state, tx in (("jlora_lora", lora_step, trainable, tx_lora),
-                                  ("jlora_full", full_step, params, tx_full)):
+    for name, step, state, tx, rest in (("jlora_lora", lora_step, trainable, tx_lora, frozen),
+                                        ("jlora_full", full_step, params, tx_full, {})):
         opt_state = tx.init(state)
         start = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, ids).compile()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, ids, rest).compile()
         compile_s = time.perf_counter() - start
         mem = compiled.memory_analysis()
         box = {"state": jax.tree_util.tree_map(jnp.copy, state), "opt": opt_state}
 
         def run():
-            box["state"], box["opt"], loss = compiled(box["state"], box["opt"], ids)
+            box["state"], box["opt"], loss = compiled(box["state"], box["opt"], ids, rest)
             return loss
         first, median = median_seconds(run, steps)
         out[name] = {"compile_s": compile_s, "first_step_s": first, "step_s": median,

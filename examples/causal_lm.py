@@ -62,27 +62,28 @@ def main() -> None:
     print(f"{args.play}: {len(ids):,} tokens, {len(train)} train / {len(held)} held-out chunks of {args.seq}")
     print(jlora.count(params, lora, config))
 
-    def loss_fn(t, batch):
-        logits = f(frozen, t, batch[:, :-1]).logits
+    def loss_fn(t, fz, batch):  # the frozen base is an argument: closed over, XLA would bake it in as constants
+        logits = f(fz, t, batch[:, :-1]).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
     @jax.jit
-    def step(t, o, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(t, batch)
+    def step(t, o, fz, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(t, fz, batch)
         updates, o = tx.update(grads, o, t)
         return optax.apply_updates(t, updates), o, loss
 
-    held_loss = jax.jit(lambda t, b: loss_fn(t, b))
+    held_loss = jax.jit(loss_fn)
 
     def perplexity(t) -> float:
-        return math.exp(float(np.mean([held_loss(t, held[i:i + args.batch])
+        return math.exp(float(np.mean([held_loss(t, frozen, held[i:i + args.batch])
                                        for i in range(0, len(held), args.batch)])))
 
     before = perplexity(trainable)
     print(f"held-out perplexity before: {before:.2f}")
     rng, start = np.random.default_rng(0), time.time()
     for i in range(args.steps):
-        trainable, opt_state, loss = step(trainable, opt_state, train[rng.choice(len(train), args.batch, False)])
+        trainable, opt_state, loss = step(trainable, opt_state, frozen,
+                                            train[rng.choice(len(train), args.batch, False)])
         if (i + 1) % 10 == 0:
             print(f"step {i + 1}/{args.steps}: loss {float(loss):.4f} ({(time.time() - start) / (i + 1):.2f} s/step)")
     after = perplexity(trainable)

@@ -198,7 +198,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     checkpointer = AdapterCheckpointer(out / "checkpoints", config, params, max_to_keep=2) if config else None
 
     @jax.jit
-    def step_fn(trainable, opt_state, batch, rng):
+    def step_fn(trainable, opt_state, frozen, batch, rng):  # frozen as an argument, not baked-in constants
         (loss, _), grads = jax.value_and_grad(
             lambda t: _loss_and_logits(model, f, t, frozen, batch, rng, True), has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -234,7 +234,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
             if options.mesh > 1:
                 batch = jax.device_put(batch, data_sharding)
             rng = jax.random.fold_in(jax.random.key(options.seed + 1), step)
-            trainable, opt_state, loss = step_fn(trainable, opt_state, batch, rng)
+            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, rng)
             completed, seen = step, seen + options.batch
             row = {"step": step + 1, "loss": float(loss), "examples_per_s": seen / (time.time() - t0)}
             history.append(row)  # before anything an interrupt could cut short; eval adds to it
