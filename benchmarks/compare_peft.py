@@ -12,7 +12,9 @@ adamw, next-token loss. Reports, side by side:
 * XLA's compiled memory analysis of the jlora LoRA and full steps, beside the theoretical
   parameter + gradient + Adam-moment bytes;
 * inference latency (jit forward) at batch 1 x 128 and 16 x 256: base, merged, unmerged LoRA;
-* adapter vs full checkpoint bytes.
+* adapter vs full checkpoint bytes;
+* with ``--rss``, the peak RSS of each variant run alone in a child process of its own (RSS is per
+  process, so it cannot be told apart inside the one timing process).
 
 The table is printed and written to ``<out>/compare_peft_<workload>.json``.
 """
@@ -65,7 +67,8 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple) -> dict[str, Any]:
+def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
+                variants: tuple[str, ...] = ("jlora_lora", "jlora_full")) -> dict[str, Any]:
     import transformers as tf
     model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)
     params = model.params
@@ -90,6 +93,8 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple) -> dict[s
     out: dict[str, Any] = {}
     for name, step, state, tx, rest in (("jlora_lora", lora_step, trainable, tx_lora, frozen),
                                         ("jlora_full", full_step, params, tx_full, {})):
+        if name not in variants:
+            continue
         opt_state = tx.init(state)
         start = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, ids, rest).compile()
@@ -106,6 +111,8 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple) -> dict[s
                                 ("argument", "output", "alias", "temp")}}
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
+    if not shapes:
+        return out
     lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)
     merged = jlora.merge(params, lora, config)
     base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
@@ -120,7 +127,8 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple) -> dict[s
     return out
 
 
-def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int) -> dict[str, Any]:
+def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int,
+                  variants: tuple[str, ...] = ("peft_lora", "torch_full")) -> dict[str, Any]:
     import torch
     import transformers as tf
     from peft import LoraConfig as PeftConfig, get_peft_model
@@ -129,7 +137,7 @@ def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int) -> dict[
     torch.manual_seed(0)
     ids = torch.tensor(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])))
     out = {}
-    for name in ("peft_lora", "torch_full"):
+    for name in variants:
         model = tf.GPT2LMHeadModel(hf_config).train()
         if name == "peft_lora":
             model = get_peft_model(model, PeftConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["c_attn"],
@@ -148,13 +156,47 @@ def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int) -> dict[
     return out
 
 
+VARIANTS = ("jlora_lora", "jlora_full", "peft_lora", "torch_full")
+
+
+def peak_rss_mib() -> float:
+    """VmHWM of this process: unlike getrusage's ru_maxrss, it is not inherited from the parent
+    across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def measure_rss(args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS of each variant in a process of its own (plus "none": the imports alone)."""
+    import subprocess
+    import sys
+    rss = {}
+    for variant in ("none", *VARIANTS):
+        done = subprocess.run([sys.executable, __file__, "--workload", args.workload, "--vocab", str(args.vocab),
+                               "--threads", str(args.threads), "--steps", "3", "--only", variant],
+                              capture_output=True, text=True, check=True)
+        rss[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return rss
+
+
+def run_only(args: argparse.Namespace, spec: dict, hf_config: Any) -> None:
+    """Child mode of ``--rss``: run one variant's steps and print its peak RSS as JSON."""
+    if args.only in ("jlora_lora", "jlora_full"):
+        measure_jax(hf_config, spec, args.steps, (), variants=(args.only,))
+    elif args.only in ("peft_lora", "torch_full"):
+        measure_torch(hf_config, spec, args.steps, args.threads, variants=(args.only,))
+    print(json.dumps({"variant": args.only, "peak_rss_mib": peak_rss_mib()}))
+
+
 def theoretical(result: dict) -> dict[str, int]:
     """Parameter + gradient + two Adam moments of what trains (activations not included)."""
     params, trainable = result["bytes"]["params"], result["bytes"]["trainable"]
     return {"lora": params + 3 * trainable, "full": 4 * params}
 
 
-def table(workload: str, jax_result: dict, torch_result: dict, threads: int) -> str:
+def table(workload: str, jax_result: dict, torch_result: dict, threads: int, rss: dict | None = None) -> str:
     j_lora, j_full = jax_result["jlora_lora"], jax_result["jlora_full"]
     p_lora, t_full = torch_result["peft_lora"], torch_result["torch_full"]
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
@@ -179,6 +221,10 @@ def table(workload: str, jax_result: dict, torch_result: dict, threads: int) -> 
     for shape, r in jax_result["inference"].items():
         lines.append(f"| {shape} | {r['base_s']:.4f} | {r['merged_s']:.4f} | {r['unmerged_s']:.4f} | "
                      f"{r['unmerged_s'] / r['base_s']:.3f} |")
+    if rss:
+        lines += ["", "| peak RSS, own process (MiB) | imports only | jlora LoRA | jlora full | "
+                  "PEFT LoRA | torch full |", "| --- | --- | --- | --- | --- | --- |",
+                  "| | " + " | ".join(f"{rss[v]:.0f}" for v in ("none", *VARIANTS)) + " |"]
     b = jax_result["bytes"]
     lines += ["", f"checkpoint bytes: adapters {b['trainable']:,} vs full {b['params']:,} "
               f"({b['params'] / b['trainable']:.0f}x smaller)"]
@@ -192,16 +238,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--rss", action="store_true", help="also peak RSS of each variant in its own process")
+    parser.add_argument("--only", choices=("none", *VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = WORKLOADS[args.workload]
     hf_config = gpt2_config(spec, args.vocab)
+    if args.only:
+        return run_only(args, spec, hf_config)
     jax_result = measure_jax(hf_config, spec, args.steps, INFERENCE_SHAPES[args.workload])
     torch_result = measure_torch(hf_config, spec, args.steps, args.threads)
-    report = table(args.workload, jax_result, torch_result, args.threads)
+    rss = measure_rss(args) if args.rss else None
+    report = table(args.workload, jax_result, torch_result, args.threads, rss)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"compare_peft_{args.workload}.json").write_text(json.dumps(
-        {"workload": args.workload, "spec": spec, "jax": jax_result, "torch": torch_result, "table": report},
+        {"workload": args.workload, "spec": spec, "jax": jax_result, "torch": torch_result, "peak_rss_mib": rss,
+         "table": report},
         indent=2))
 
 

@@ -47,10 +47,13 @@ def test_causal_lm_example(tmp_path):
 
 def test_compare_peft_runner_on_a_tiny_config(tmp_path):
     out = run(ROOT / "benchmarks" / "compare_peft.py", "--workload", "tiny", "--steps", "2", "--vocab", "512",
-              "--out", tmp_path)
+              "--rss", "--out", tmp_path)
     result = json.loads((tmp_path / "compare_peft_tiny.json").read_text())
     assert "ratios: jlora-LoRA / PEFT-LoRA" in out
     assert result["torch"]["peft_lora"]["trainable"] == 2 * (64 * 8 + 8 * 192)  # r=8 on c_attn, 2 layers
     assert result["jax"]["bytes"]["trainable"] == 4 * result["torch"]["peft_lora"]["trainable"]
     for variant in ("jlora_lora", "jlora_full"):
         assert result["jax"][variant]["step_s"] > 0 and result["jax"][variant]["memory"]["argument"] > 0
+    rss = result["peak_rss_mib"]
+    assert set(rss) == {"none", "jlora_lora", "jlora_full", "peft_lora", "torch_full"}
+    assert all(rss[v] > rss["none"] for v in ("jlora_lora", "jlora_full", "peft_lora", "torch_full"))
