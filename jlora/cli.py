@@ -55,7 +55,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     import transformers
     from jlora.data import load_dataset
-    from jlora.finetune import encode, evaluate
+    from jlora.finetune import encode, make_evaluator
 
     transformers.logging.set_verbosity_error()
     dataset = load_dataset(args.data)
@@ -63,7 +63,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(args.model, from_pt=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     data = encode(tokenizer, held, args.max_length)
-    metrics = evaluate(model, None, model.params, {}, data)
+    metrics = make_evaluator(model, None)(model.params, {}, data)
     print(json.dumps({"model": args.model, "held_out_examples": len(held), **metrics}))
     return 0
 

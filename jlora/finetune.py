@@ -154,20 +154,23 @@ def _loss_and_logits(model: Any, f: Any, trainable: Any, frozen: Any, batch: dic
     return loss, logits
 
 
-def evaluate(model: Any, f: Any, trainable: Any, frozen: Any, data: dict[str, np.ndarray],
-             batch: int = 64) -> dict[str, float]:
-    """Held-out loss and accuracy (every example counted once)."""
+def make_evaluator(model: Any, f: Any, batch: int = 64) -> Any:
+    """``evaluate(trainable, frozen, data) -> {"eval_loss", "eval_accuracy"}`` over every example,
+    jitted once (build it once per run: periodic evaluations reuse the compiled program)."""
     @jax.jit
     def run(t, fz, b):
         loss, logits = _loss_and_logits(model, f, t, fz, b, None, False)
         return loss * b["labels"].shape[0], jnp.sum(jnp.argmax(logits, -1) == b["labels"])
 
-    total_loss, correct, n = 0.0, 0, len(data["labels"])
-    for start in range(0, n, batch):
-        part = {k: v[start:start + batch] for k, v in data.items()}
-        loss, hits = run(trainable, frozen, part)
-        total_loss, correct = total_loss + float(loss), correct + int(hits)
-    return {"eval_loss": total_loss / n, "eval_accuracy": correct / n}
+    def evaluate(trainable: Any, frozen: Any, data: dict[str, np.ndarray]) -> dict[str, float]:
+        total_loss, correct, n = 0.0, 0, len(data["labels"])
+        for start in range(0, n, batch):
+            part = {k: v[start:start + batch] for k, v in data.items()}
+            loss, hits = run(trainable, frozen, part)
+            total_loss, correct = total_loss + float(loss), correct + int(hits)
+        return {"eval_loss": total_loss / n, "eval_accuracy": correct / n}
+
+    return evaluate
 
 
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
@@ -176,6 +179,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     from tqdm import tqdm
     from jlora.intercept import apply
     from jlora.summary import count
+    from jlora.train import make_train_step
 
     options.check()
     out = prepare_out(options)
@@ -197,12 +201,10 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
     checkpointer = AdapterCheckpointer(out / "checkpoints", config, params, max_to_keep=2) if config else None
 
-    @jax.jit
-    def step_fn(trainable, opt_state, frozen, batch, rng):  # frozen as an argument, not baked-in constants
-        (loss, _), grads = jax.value_and_grad(
-            lambda t: _loss_and_logits(model, f, t, frozen, batch, rng, True), has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    # head/full modes train the model's own param arrays, so nothing is donated
+    step_fn = make_train_step(lambda t, fz, b: _loss_and_logits(model, f, t, fz, b, b["rng"], True)[0], tx,
+                              donate=False)
+    evaluate = make_evaluator(model, f)
 
     if options.mesh > 1:
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -222,7 +224,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     print(f"data: {dataset.source}, {len(train_set)} train / {len(held_set)} held-out examples, "
           f"{len(dataset.label_names)} classes {list(dataset.label_names)}")
     if start == 0:
-        history.append({"step": 0, **evaluate(model, f, trainable, frozen, held)})
+        history.append({"step": 0, **evaluate(trainable, frozen, held)})
         print(f"step 0: held-out accuracy {history[-1]['eval_accuracy']:.4f} (before training)")
     completed, t0, seen = start - 1, time.time(), 0
     bar = tqdm(range(start, options.steps), initial=start, total=options.steps, disable=not options.progress,
@@ -233,14 +235,14 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
             batch = {k: v[rows] for k, v in train.items()}
             if options.mesh > 1:
                 batch = jax.device_put(batch, data_sharding)
-            rng = jax.random.fold_in(jax.random.key(options.seed + 1), step)
-            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, rng)
+            batch["rng"] = jax.random.fold_in(jax.random.key(options.seed + 1), step)
+            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
             completed, seen = step, seen + options.batch
             row = {"step": step + 1, "loss": float(loss), "examples_per_s": seen / (time.time() - t0)}
             history.append(row)  # before anything an interrupt could cut short; eval adds to it
             bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
             if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
-                row.update(evaluate(model, f, trainable, frozen, held))
+                row.update(evaluate(trainable, frozen, held))
                 bar.write(f"step {step + 1}: loss {row['loss']:.4f}, held-out accuracy {row['eval_accuracy']:.4f}")
                 if checkpointer:
                     checkpointer.save(step, trainable, opt_state, metrics=row)
