@@ -9,6 +9,7 @@ from jlora.config import LoraConfig
 from jlora.core import KernelLayout, delta, init, merge, unmerge
 from jlora.intercept import LoraApply, apply, find_layouts
 from jlora.layers import LoraDense
+from jlora.losses import lm_head_cross_entropy, next_token_targets
 from jlora.optim import labels, optimizer, split
 from jlora.summary import LoraCount, count
 from jlora.tree import combine, partition
@@ -21,5 +22,5 @@ __all__ = [
     "hf", "LoraConfig", "KernelLayout", "LoraApply", "LoraCount", "LoraDense",
     "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
     "partition", "split", "unmerge", "make_train_step", "make_pmap_train_step", "plan_shardings",
-    "AdapterCheckpointer",
+    "AdapterCheckpointer", "lm_head_cross_entropy", "next_token_targets",
 ]
