@@ -57,9 +57,11 @@ def _contracted_axes(module: nn.Module) -> tuple[int, ...]:
 
 
 def is_hf_model(obj: Any) -> bool:
-    """A Hugging Face ``FlaxPreTrainedModel`` (checked only if transformers is already imported)."""
+    """A Hugging Face ``FlaxPreTrainedModel`` (checked only if transformers is already imported;
+    transformers 5 has no Flax models, so nothing is one there)."""
     transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(obj, transformers.FlaxPreTrainedModel)
+    flax_model_class = getattr(transformers, "FlaxPreTrainedModel", None) if transformers is not None else None
+    return flax_model_class is not None and isinstance(obj, flax_model_class)
 
 
 def as_params_function(fn: Any) -> Callable:

@@ -71,3 +71,25 @@ def test_exports_load_in_transformers_5(transformers5, tmp_path):
     for name, result in report.items():
         assert not result["missing"] and not result["unexpected"], (name, result)
         assert result["max_diff"] < 1e-4, (name, result)
+
+
+PLAIN_FLAX_UNDER_5 = r"""
+import jax, jax.numpy as jnp, flax.linen as nn, transformers, jlora
+assert transformers.__version__.startswith("5."), transformers.__version__
+model = nn.Dense(3)
+params = model.init(jax.random.key(0), jnp.ones((2, 4)))
+config = jlora.LoraConfig(r=2, target_modules=r".*")
+lora = jax.tree_util.tree_map(lambda x: x + 0.1, jlora.init(jax.random.key(1), params, config))
+out = jlora.apply(model.apply, config)(params, lora, jnp.ones((2, 4)))
+want = model.apply(jlora.merge(params, lora, config), jnp.ones((2, 4)))
+assert jnp.allclose(out, want, atol=1e-5), (out, want)
+print("ok", transformers.__version__)
+"""
+
+
+def test_apply_works_on_plain_flax_with_transformers_5_imported(transformers5):
+    """transformers 5 has no FlaxPreTrainedModel: jlora must not assume the attribute exists."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(transformers5), str(Path(jlora.__file__).parents[1])])}
+    done = subprocess.run([sys.executable, "-c", PLAIN_FLAX_UNDER_5], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok 5."), done.stdout
