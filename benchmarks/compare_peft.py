@@ -1,17 +1,35 @@
-"""jlora vs PEFT (PyTorch) and vs full fine-tuning, on the same GPT-2 workload, in one process.
+"""jlora vs PEFT (PyTorch) and vs full fine-tuning, on the same workload.
 
-    python benchmarks/compare_peft.py [--workload W1|W2|tiny] [--steps 10] [--threads 2] [--out DIR]
+    python benchmarks/compare_peft.py [--workload W1|W2|tiny|llama-1b|llama-tiny] [--steps 10] [--threads 2]
+                                      [--device cpu|gpu] [--dtype float32|bfloat16] [--out DIR]
 
 W1: GPT-2 config, 4 layers, d=256, 4 heads, vocab 50257, batch 8x128, LoRA r=8 on c_attn (PEFT's
-setting: the whole fused q,k,v projection); W2: GPT-2 small (124M). Random init, dropout off,
-adamw, next-token loss. Reports, side by side:
+setting: the whole fused q,k,v projection); W2: GPT-2 small (124M). llama-1b: TinyLlama-1.1B's shape
+(22 layers, d=2048, 32 heads, 4 kv heads, MLP 5632, vocab 32000), batch 4x2048, per-layer remat (HF
+gradient checkpointing on the torch side), LoRA r=8, alpha=16 on q_proj, v_proj; llama-tiny: the same
+code at 2 layers, d=64 (see llama_workload.py). Random init, dropout off, adamw, next-token loss.
+
+GPU recipe (one H100; python3 holding jax[cuda] and torch with CUDA; run from the repo root)::
+
+    PYTHONPATH=. python3 benchmarks/compare_peft.py --device gpu --steps 10 --out $OUT
+
+``--device gpu`` means llama-1b in bfloat16 (params, activations, Adam moments; logits and loss
+float32; LoRA adapters float32 on both sides, as PEFT keeps them), cuDNN flash attention for JAX where
+it runs (``--attention auto``; ``xla`` forces XLA's, JAX's own default), and MFU rows: analytic model
+FLOPs (llama_workload.model_flops_per_step) and XLA's cost-analysis FLOPs over the step time, against
+the device's dense bf16 peak, plus each side's peak device memory. The GPT-2 workloads run in this
+process; the llama ones run torch, then JAX, each in a child process of its own (the whole device
+each; no torch/JAX CUDA-library or allocator interplay). On CPU, ``--workload llama-tiny [--dtype
+bfloat16]`` runs the same code path. Reports, side by side:
 
 * train-step time: median of ``--steps`` steps after warm-up (compile / first-call time apart),
   for jlora LoRA, jlora full, PEFT LoRA, PyTorch full; ratios jlora-LoRA/PEFT-LoRA and
   jlora-LoRA/jlora-full;
 * XLA's compiled memory analysis of the jlora LoRA and full steps, beside the theoretical
-  parameter + gradient + Adam-moment bytes;
-* inference latency (jit forward) at batch 1 x 128 and 16 x 256: base, merged, unmerged LoRA;
+  parameter + gradient + Adam-moment bytes and (GPT-2 workloads) the no-recomputation floor of
+  memory_theory.py: state + the activations a backward pass reads;
+* inference latency (jit forward) at batch 1 x 128 and 16 x 256 (llama-1b: 4 x 2048): base, merged,
+  unmerged LoRA;
 * adapter vs full checkpoint bytes;
 * with ``--rss``, the peak RSS of each variant run alone in a child process of its own (RSS is per
   process, so it cannot be told apart inside the one timing process).
@@ -22,138 +40,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU: JAX's peak memory, not 75% of it
+import jax  # noqa: E402
 
-import jlora
+from gpt2_workload import gpt2_config, measure_jax, measure_torch  # noqa: E402
+from memory_theory import floor  # noqa: E402
+from llama_workload import (LLAMA_INFERENCE_SHAPES, LLAMA_WORKLOADS, measure_jax_llama,  # noqa: E402
+                            measure_torch_llama, mfu, model_flops_per_step, peak_flops)
 
 WORKLOADS = {"W1": dict(n_layer=4, n_embd=256, n_head=4, batch=8, seq=128),
              "W2": dict(n_layer=12, n_embd=768, n_head=12, batch=8, seq=128),
-             "tiny": dict(n_layer=2, n_embd=64, n_head=2, batch=2, seq=32)}
-INFERENCE_SHAPES = {"W1": ((1, 128), (16, 256)), "W2": ((1, 128), (16, 256)), "tiny": ((1, 32), (2, 64))}
+             "tiny": dict(n_layer=2, n_embd=64, n_head=2, batch=2, seq=32), **LLAMA_WORKLOADS}
+INFERENCE_SHAPES = {"W1": ((1, 128), (16, 256)), "W2": ((1, 128), (16, 256)), "tiny": ((1, 32), (2, 64)),
+                    **LLAMA_INFERENCE_SHAPES}
 RANK = 8
-
-
-def median_seconds(run: Callable[[], Any], steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(first call incl. compile, median of ``steps`` calls after ``warmup``)."""
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        jax.block_until_ready(run())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
-
-
-def gpt2_config(spec: dict, vocab: int) -> Any:
-    import transformers as tf
-    return tf.GPT2Config(n_layer=spec["n_layer"], n_embd=spec["n_embd"], n_head=spec["n_head"], vocab_size=vocab,
-                         n_positions=max(256, spec["seq"]), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-
-
-def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
-
-
-def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
-                variants: tuple[str, ...] = ("jlora_lora", "jlora_full")) -> dict[str, Any]:
-    import transformers as tf
-    model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)
-    params = model.params
-    config = jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=("c_attn",), fan_in_fan_out=True)
-    lora = jlora.init(jax.random.key(0), params, config)
-    trainable, frozen = jlora.split(params, lora, config)
-    f = jlora.apply(model, config)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])),
-                      jnp.int32)
-    tx_lora, tx_full = jlora.optimizer(optax.adamw(1e-4), config), optax.adamw(1e-4)
-
-    def lora_step(t, o, ids, fz):  # the frozen base is an argument: closed over, XLA bakes it in as constants
-        loss, g = jax.value_and_grad(lambda t: lm_loss(f(fz, t, ids).logits, ids))(t)
-        u, o = tx_lora.update(g, o, t)
-        return optax.apply_updates(t, u), o, loss
-
-    def full_step(p, o, ids, _):
-        loss, g = jax.value_and_grad(lambda p: lm_loss(model(ids, params=p).logits, ids))(p)
-        u, o = tx_full.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    out: dict[str, Any] = {}
-    for name, step, state, tx, rest in (("jlora_lora", lora_step, trainable, tx_lora, frozen),
-                                        ("jlora_full", full_step, params, tx_full, {})):
-        if name not in variants:
-            continue
-        opt_state = tx.init(state)
-        start = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, ids, rest).compile()
-        compile_s = time.perf_counter() - start
-        mem = compiled.memory_analysis()
-        box = {"state": jax.tree_util.tree_map(jnp.copy, state), "opt": opt_state}
-
-        def run():
-            box["state"], box["opt"], loss = compiled(box["state"], box["opt"], ids, rest)
-            return loss
-        first, median = median_seconds(run, steps)
-        out[name] = {"compile_s": compile_s, "first_step_s": first, "step_s": median,
-                     "memory": {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-                                ("argument", "output", "alias", "temp")}}
-    nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
-    if not shapes:
-        return out
-    lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)
-    merged = jlora.merge(params, lora, config)
-    base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
-    lora_fwd = jax.jit(lambda p, l, x: f(p, l, x).logits)
-    out["inference"] = {}
-    for batch, seq in shapes:
-        x = jnp.ones((batch, seq), jnp.int32)
-        out["inference"][f"{batch}x{seq}"] = {
-            "base_s": median_seconds(lambda: base_fwd(params, x), steps)[1],
-            "merged_s": median_seconds(lambda: base_fwd(merged, x), steps)[1],
-            "unmerged_s": median_seconds(lambda: lora_fwd(params, lora, x), steps)[1]}
-    return out
-
-
-def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int,
-                  variants: tuple[str, ...] = ("peft_lora", "torch_full")) -> dict[str, Any]:
-    import torch
-    import transformers as tf
-    from peft import LoraConfig as PeftConfig, get_peft_model
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    ids = torch.tensor(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])))
-    out = {}
-    for name in variants:
-        model = tf.GPT2LMHeadModel(hf_config).train()
-        if name == "peft_lora":
-            model = get_peft_model(model, PeftConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["c_attn"],
-                                                     fan_in_fan_out=True))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def run():
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return None
-        first, median = median_seconds(run, steps)
-        out[name] = {"first_step_s": first, "step_s": median,
-                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    return out
 
 
 VARIANTS = ("jlora_lora", "jlora_full", "peft_lora", "torch_full")
@@ -175,19 +79,43 @@ def measure_rss(args: argparse.Namespace) -> dict[str, float]:
     rss = {}
     for variant in ("none", *VARIANTS):
         done = subprocess.run([sys.executable, __file__, "--workload", args.workload, "--vocab", str(args.vocab),
-                               "--threads", str(args.threads), "--steps", "3", "--only", variant],
+                               "--threads", str(args.threads), "--steps", "3", "--dtype", args.dtype,
+                               "--loss", args.loss, "--only",
+                               variant, *([] if args.remat is None else ["--remat" if args.remat else "--no-remat"])],
                               capture_output=True, text=True, check=True)
         rss[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
     return rss
 
 
-def run_only(args: argparse.Namespace, spec: dict, hf_config: Any) -> None:
+def run_only(args: argparse.Namespace, spec: dict) -> None:
     """Child mode of ``--rss``: run one variant's steps and print its peak RSS as JSON."""
+    llama = args.workload in LLAMA_WORKLOADS
     if args.only in ("jlora_lora", "jlora_full"):
-        measure_jax(hf_config, spec, args.steps, (), variants=(args.only,))
+        if llama:
+            measure_jax_llama(spec, args.steps, args.dtype, variants=(args.only,))
+        else:
+            measure_jax(gpt2_config(spec, args.vocab), spec, args.steps, (), variants=(args.only,), loss=args.loss)
     elif args.only in ("peft_lora", "torch_full"):
-        measure_torch(hf_config, spec, args.steps, args.threads, variants=(args.only,))
+        if llama:
+            measure_torch_llama(spec, args.steps, "cpu", args.dtype, variants=(args.only,), threads=args.threads)
+        else:
+            measure_torch(gpt2_config(spec, args.vocab), spec, args.steps, args.threads, variants=(args.only,))
     print(json.dumps({"variant": args.only, "peak_rss_mib": peak_rss_mib()}))
+
+
+def floor_rows(spec: dict, vocab: int, jax_result: dict) -> list[str]:
+    """XLA's live bytes beside the no-recomputation floor of memory_theory (GPT-2 workloads)."""
+    live = lambda m: m["argument"] + m["output"] - m["alias"] + m["temp"]  # noqa: E731
+    b = jax_result["bytes"]
+    args = (spec, vocab, b["params"], b["trainable"], 4 * spec["batch"] * spec["seq"])
+    same, aware = floor(*args), floor(*args, lora_aware=True, rank=RANK)
+    lora_live, full_live = live(jax_result["jlora_lora"]["memory"]), live(jax_result["jlora_full"]["memory"])
+    jax_result["floor"] = {"same_activations": same, "lora_aware": aware}
+    mib = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
+    return [f"| activations, analytic (MiB) | {mib(same['activations_lora'])} | {mib(same['activations_full'])} | | |",
+            f"| floor: state + activations (MiB) | {mib(same['lora'])} | {mib(same['full'])} | | |",
+            f"| XLA live / floor | {lora_live / same['lora']:.3f} | {full_live / same['full']:.3f} | | |",
+            f"| LoRA-aware floor (MiB), XLA live / it | {mib(aware['lora'])}, {lora_live / aware['lora']:.3f} | | | |"]
 
 
 def theoretical(result: dict) -> dict[str, int]:
@@ -196,14 +124,45 @@ def theoretical(result: dict) -> dict[str, int]:
     return {"lora": params + 3 * trainable, "full": 4 * params}
 
 
-def table(workload: str, jax_result: dict, torch_result: dict, threads: int, rss: dict | None = None) -> str:
+def add_mfu(spec: dict, jax_result: dict, torch_result: dict, dtype: str, device_kind: str) -> None:
+    """Per variant: analytic model FLOPs and MFU; for the jlora steps also XLA's FLOPs and their MFU."""
+    peak = peak_flops(device_kind, dtype)
+    for name, r in (*((v, jax_result[v]) for v in VARIANTS[:2]), *((v, torch_result[v]) for v in VARIANTS[2:])):
+        r["model_flops"] = model_flops_per_step(spec, name)
+        r["mfu_analytic"] = mfu(r["model_flops"], r["step_s"], peak)
+        if "xla_flops" in r:
+            r["mfu_xla"] = mfu(r["xla_flops"], r["step_s"], peak)
+    jax_result["peak_flops"] = peak
+
+
+def mfu_rows(jax_result: dict, torch_result: dict, device_kind: str, dtype: str) -> list[str]:
+    results = [jax_result[v] for v in VARIANTS[:2]] + [torch_result[v] for v in VARIANTS[2:]]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    tf = lambda x: "" if x is None else f"{x / 1e12:.4g}"  # noqa: E731
+    peak = jax_result["peak_flops"]
+    gib = lambda b: "" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    return ["", f"MFU against {device_kind}'s dense {dtype} peak: "
+            f"{'n/a (no peak known for this device/dtype)' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}",
+            "(analytic: model FLOPs, no remat recomputation; XLA: what the compiled step does, remat included, "
+            "a cuDNN attention call not counted)",
+            "| FLOPs and MFU | jlora LoRA | jlora full | PEFT LoRA | torch full |", "| --- | --- | --- | --- | --- |",
+            "| model TFLOP / step (analytic) | " + " | ".join(tf(r["model_flops"]) for r in results) + " |",
+            "| MFU (analytic) | " + " | ".join(pct(r["mfu_analytic"]) for r in results) + " |",
+            "| XLA cost-analysis TFLOP / step | " + " | ".join(tf(r.get("xla_flops")) for r in results) + " |",
+            "| MFU (XLA FLOPs) | " + " | ".join(pct(r["mfu_xla"]) if "mfu_xla" in r else "" for r in results) + " |",
+            "| device peak memory (GiB) | " + " | ".join(
+                gib(r.get("device_peak_bytes", r.get("max_memory_allocated"))) for r in results) + " |"]
+
+
+def table(workload: str, jax_result: dict, torch_result: dict, where: str, rss: dict | None = None,
+          target: str = "c_attn", extra: list[str] | None = None, spec: dict | None = None) -> str:
     j_lora, j_full = jax_result["jlora_lora"], jax_result["jlora_full"]
     p_lora, t_full = torch_result["peft_lora"], torch_result["torch_full"]
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     live = lambda m: m["argument"] + m["output"] - m["alias"] + m["temp"]  # noqa: E731
     theory = theoretical(jax_result)
-    lines = [f"workload {workload}: {WORKLOADS[workload]}, r={RANK} on c_attn, {threads} threads, "
-             f"{platform.processor() or platform.machine()}, jax {jax.__version__}",
+    lines = [f"workload {workload}: {spec or WORKLOADS[workload]}, r={RANK} on {target}, {where}, "
+             f"jax {jax.__version__}",
              "| train step | jlora LoRA | jlora full | PEFT LoRA | torch full |", "| --- | --- | --- | --- | --- |",
              f"| median step (s) | {j_lora['step_s']:.3f} | {j_full['step_s']:.3f} | {p_lora['step_s']:.3f} | "
              f"{t_full['step_s']:.3f} |",
@@ -212,6 +171,7 @@ def table(workload: str, jax_result: dict, torch_result: dict, threads: int, rss
              f"| XLA live bytes (MiB) | {mib(live(j_lora['memory']))} | {mib(live(j_full['memory']))} | | |",
              f"| XLA temp bytes (MiB) | {mib(j_lora['memory']['temp'])} | {mib(j_full['memory']['temp'])} | | |",
              f"| theoretical params+grads+adam (MiB) | {mib(theory['lora'])} | {mib(theory['full'])} | | |",
+             *(extra or []),
              "",
              f"ratios: jlora-LoRA / PEFT-LoRA = {j_lora['step_s'] / p_lora['step_s']:.2f}; "
              f"jlora-LoRA / jlora-full = {j_lora['step_s'] / j_full['step_s']:.2f}; "
@@ -231,29 +191,106 @@ def table(workload: str, jax_result: dict, torch_result: dict, threads: int, rss
     return "\n".join(lines)
 
 
+PART_MARK = "compare_peft part result: "
+
+
+def run_part(args: argparse.Namespace, spec: dict) -> None:
+    """Child mode of the llama workloads: one side (``--part jax|torch``) in a process of its own, so
+    that on a GPU each side has the whole device and its own CUDA libraries; prints its result as JSON."""
+    gpu = args.device == "gpu"
+    if args.part == "jax":
+        device = jax.devices()[0]
+        if gpu and device.platform != "gpu":
+            raise SystemExit(f"--device gpu: JAX's first device is {device} (platform {device.platform!r}): "
+                             "install jax with its CUDA plugin (jax[cuda13]) and leave JAX_PLATFORMS unset")
+        result = measure_jax_llama(spec, args.steps, args.dtype, shapes=INFERENCE_SHAPES[args.workload],
+                                   attention=args.attention)
+        result["device_kind"] = device.device_kind
+    else:
+        import torch
+        if gpu and not torch.cuda.is_available():
+            raise SystemExit(f"--device gpu: torch {torch.__version__} sees no CUDA device (a CPU build of torch?)")
+        result = measure_torch_llama(spec, args.steps, "cuda" if gpu else "cpu", args.dtype,
+                                     threads=None if gpu else args.threads)
+        result["device_kind"] = torch.cuda.get_device_name(0) if gpu else "cpu"
+    print(PART_MARK + json.dumps(result))
+
+
+def run_llama(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, str, list[str]]:
+    """torch, then JAX, each in a child process (:func:`run_part`); MFU fields; the table's header and rows."""
+    import subprocess
+    import sys
+    results = {}
+    for part in ("torch", "jax"):
+        cmd = [sys.executable, __file__, "--part", part, "--workload", args.workload, "--device", args.device,
+               "--dtype", args.dtype, "--steps", str(args.steps), "--threads", str(args.threads),
+               "--attention", args.attention, "--remat" if spec["remat"] else "--no-remat"]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: passed through
+        lines = [line for line in done.stdout.splitlines() if line.startswith(PART_MARK)]
+        if done.returncode or not lines:
+            raise SystemExit(f"the {part} part failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stdout[-3000:]}")
+        results[part] = json.loads(lines[-1][len(PART_MARK):])
+    jax_result, torch_result = results["jax"], results["torch"]
+    device_kind = jax_result["device_kind"]
+    add_mfu(spec, jax_result, torch_result, args.dtype, device_kind)
+    where = (device_kind if args.device == "gpu" else f"{args.threads} threads, "
+             f"{platform.processor() or platform.machine()}") + \
+        f", {args.dtype}, remat {spec['remat']}, JAX attention {jax_result['attention']}"
+    return jax_result, torch_result, where, mfu_rows(jax_result, torch_result, device_kind, args.dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="W1")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), help="default: W1 on cpu, llama-1b on gpu")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="llama workloads: params and activations (default: float32 on cpu, bfloat16 on gpu)")
+    parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                        help="JAX attention of the llama workloads (auto: cuDNN on a GPU in bf16 if it runs)")
+    parser.add_argument("--remat", action=argparse.BooleanOptionalAction,
+                        help="llama workloads: per-layer remat / gradient checkpointing (default: the workload's)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--vocab", type=int, default=50257, help="GPT-2 workloads only")
+    parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
+                        help="GPT-2 workloads, jlora side: jlora.lm_head_cross_entropy or optax on sliced logits")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--rss", action="store_true", help="also peak RSS of each variant in its own process")
+    parser.add_argument("--rss", action="store_true", help="also peak RSS of each variant in its own process (cpu)")
     parser.add_argument("--only", choices=("none", *VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    spec = WORKLOADS[args.workload]
-    hf_config = gpt2_config(spec, args.vocab)
+    gpu = args.device == "gpu"
+    args.workload = args.workload or ("llama-1b" if gpu else "W1")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    llama = args.workload in LLAMA_WORKLOADS
+    if not llama and (gpu or args.dtype != "float32"):
+        parser.error("--device gpu and --dtype bfloat16 run the llama workloads only (the GPT-2 ones use "
+                     "transformers' Flax GPT-2, which transformers 5 removed)")
+    if gpu and args.rss:
+        parser.error("--rss measures host RSS of CPU runs; it is not available with --device gpu")
+    spec = dict(WORKLOADS[args.workload])
+    if llama and args.remat is not None:
+        spec["remat"] = args.remat
     if args.only:
-        return run_only(args, spec, hf_config)
-    jax_result = measure_jax(hf_config, spec, args.steps, INFERENCE_SHAPES[args.workload])
-    torch_result = measure_torch(hf_config, spec, args.steps, args.threads)
+        return run_only(args, spec)
+    if args.part:
+        return run_part(args, spec)
+    if llama:
+        jax_result, torch_result, where, extra = run_llama(args, spec)
+    else:
+        hf_config = gpt2_config(spec, args.vocab)
+        jax_result = measure_jax(hf_config, spec, args.steps, INFERENCE_SHAPES[args.workload], loss=args.loss)
+        torch_result = measure_torch(hf_config, spec, args.steps, args.threads)
+        where = f"{args.threads} threads, {platform.processor() or platform.machine()}, jlora loss {args.loss}"
+        extra = floor_rows(spec, args.vocab, jax_result)
     rss = measure_rss(args) if args.rss else None
-    report = table(args.workload, jax_result, torch_result, args.threads, rss)
+    report = table(args.workload, jax_result, torch_result, where, rss,
+                   "q_proj, v_proj" if llama else "c_attn", extra, spec)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"compare_peft_{args.workload}.json").write_text(json.dumps(
-        {"workload": args.workload, "spec": spec, "jax": jax_result, "torch": torch_result, "peak_rss_mib": rss,
-         "table": report},
+        {"workload": args.workload, "spec": spec, "device": args.device, "dtype": args.dtype, "jax": jax_result,
+         "torch": torch_result, "peak_rss_mib": rss, "table": report},
         indent=2))
 
 
