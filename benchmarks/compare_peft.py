@@ -80,7 +80,7 @@ def measure_rss(args: argparse.Namespace) -> dict[str, float]:
     for variant in ("none", *VARIANTS):
         done = subprocess.run([sys.executable, __file__, "--workload", args.workload, "--vocab", str(args.vocab),
                                "--threads", str(args.threads), "--steps", "3", "--dtype", args.dtype,
-                               "--loss", args.loss, "--only",
+                               "--loss", args.loss, "--loss-chunk", str(args.loss_chunk), "--only",
                                variant, *([] if args.remat is None else ["--remat" if args.remat else "--no-remat"])],
                               capture_output=True, text=True, check=True)
         rss[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
@@ -94,7 +94,8 @@ def run_only(args: argparse.Namespace, spec: dict) -> None:
         if llama:
             measure_jax_llama(spec, args.steps, args.dtype, variants=(args.only,))
         else:
-            measure_jax(gpt2_config(spec, args.vocab), spec, args.steps, (), variants=(args.only,), loss=args.loss)
+            measure_jax(gpt2_config(spec, args.vocab), spec, args.steps, (), variants=(args.only,), loss=args.loss,
+                        chunk_size=args.loss_chunk)
     elif args.only in ("peft_lora", "torch_full"):
         if llama:
             measure_torch_llama(spec, args.steps, "cpu", args.dtype, variants=(args.only,), threads=args.threads)
@@ -254,6 +255,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257, help="GPT-2 workloads only")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
                         help="GPT-2 workloads, jlora side: jlora.lm_head_cross_entropy or optax on sliced logits")
+    parser.add_argument("--loss-chunk", type=int, default=128, help="chunk_size of the fused loss")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--rss", action="store_true", help="also peak RSS of each variant in its own process (cpu)")
     parser.add_argument("--only", choices=("none", *VARIANTS), help=argparse.SUPPRESS)
@@ -279,9 +281,11 @@ def main() -> None:
         jax_result, torch_result, where, extra = run_llama(args, spec)
     else:
         hf_config = gpt2_config(spec, args.vocab)
-        jax_result = measure_jax(hf_config, spec, args.steps, INFERENCE_SHAPES[args.workload], loss=args.loss)
+        jax_result = measure_jax(hf_config, spec, args.steps, INFERENCE_SHAPES[args.workload], loss=args.loss,
+                                 chunk_size=args.loss_chunk)
         torch_result = measure_torch(hf_config, spec, args.steps, args.threads)
-        where = f"{args.threads} threads, {platform.processor() or platform.machine()}, jlora loss {args.loss}"
+        where = f"{args.threads} threads, {platform.processor() or platform.machine()}, jlora loss {args.loss}" + \
+            (f" (chunk {args.loss_chunk})" if args.loss == "fused" else "")
         extra = floor_rows(spec, args.vocab, jax_result)
     rss = measure_rss(args) if args.rss else None
     report = table(args.workload, jax_result, torch_result, where, rss,

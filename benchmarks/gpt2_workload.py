@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import jlora
-from llama_workload import median_seconds
+from timing import interleaved_medians, median_seconds
 
 RANK = 8
 
@@ -34,7 +34,7 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def make_loss(model: Any, loss: str) -> Any:
+def make_loss(model: Any, loss: str, chunk_size: int = 128) -> Any:
     """``loss_fn(outputs_of(**model_kwargs), params, ids)`` and the model kwargs it needs."""
     if loss == "plain":
         return (lambda out, params, ids: lm_loss(out.logits, ids)), {}
@@ -42,13 +42,15 @@ def make_loss(model: Any, loss: str) -> Any:
         def fused(out, params, ids):
             labels, weights = jlora.next_token_targets(ids)
             embedding = params["transformer"]["wte"]["embedding"]  # GPT-2 ties the head to the embedding
-            return jlora.lm_head_cross_entropy(out.hidden_states[-1], embedding, labels, weights, transposed=True)
+            return jlora.lm_head_cross_entropy(out.hidden_states[-1], embedding, labels, weights, transposed=True,
+                                               chunk_size=chunk_size)
         return fused, {"output_hidden_states": True}
     raise ValueError(f"loss: expected 'fused' or 'plain', got {loss!r}")
 
 
 def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
-                variants: tuple[str, ...] = ("jlora_lora", "jlora_full"), loss: str = "fused") -> dict[str, Any]:
+                variants: tuple[str, ...] = ("jlora_lora", "jlora_full"), loss: str = "fused",
+                chunk_size: int = 128) -> dict[str, Any]:
     """Compile, memory analysis, median step of the jlora LoRA and full steps; inference latency."""
     import transformers as tf
     model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)
@@ -60,7 +62,7 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
     ids = jnp.asarray(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])),
                       jnp.int32)
     tx_lora, tx_full = jlora.optimizer(optax.adamw(1e-4), config), optax.adamw(1e-4)
-    loss_fn, model_kwargs = make_loss(model, loss)
+    loss_fn, model_kwargs = make_loss(model, loss, chunk_size)
 
     def lora_step(t, o, ids, fz):  # the frozen base is an argument: closed over, XLA bakes it in as constants
         loss, g = jax.value_and_grad(lambda t: loss_fn(f(fz, t, ids, **model_kwargs), fz, ids))(t)
@@ -102,10 +104,9 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
     out["inference"] = {}
     for batch, seq in shapes:
         x = jnp.ones((batch, seq), jnp.int32)
-        out["inference"][f"{batch}x{seq}"] = {
-            "base_s": median_seconds(lambda: base_fwd(params, x), steps)[1],
-            "merged_s": median_seconds(lambda: base_fwd(merged, x), steps)[1],
-            "unmerged_s": median_seconds(lambda: lora_fwd(params, lora, x), steps)[1]}
+        out["inference"][f"{batch}x{seq}"] = interleaved_medians(
+            {"base_s": lambda: base_fwd(params, x), "merged_s": lambda: base_fwd(merged, x),
+             "unmerged_s": lambda: lora_fwd(params, lora, x)}, steps)
     return out
 
 

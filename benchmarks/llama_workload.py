@@ -19,9 +19,8 @@ param names follow HF's LlamaForCausalLM, so :func:`to_torch_state_dict` is a re
 from __future__ import annotations
 
 import gc
-import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +29,7 @@ import numpy as np
 import optax
 
 import jlora
+from timing import interleaved_medians, median_seconds
 
 LLAMA_WORKLOADS = {  # llama-1b: TinyLlama-1.1B's shape
     "llama-1b": dict(d=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocab=32000, rope_theta=10000.0,
@@ -40,22 +40,6 @@ LLAMA_INFERENCE_SHAPES = {"llama-1b": ((1, 128), (4, 2048)), "llama-tiny": ((1, 
 RANK, ALPHA, TARGETS = 8, 16, ("q_proj", "v_proj")
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, FLOP/s
 MODEL_KEYS = ("d", "layers", "heads", "kv_heads", "mlp", "vocab", "rope_theta", "eps", "remat")
-
-
-def median_seconds(run: Callable[[], Any], steps: int, warmup: int = 2,
-                   sync: Callable[[Any], Any] = jax.block_until_ready) -> tuple[float, float]:
-    """(first call incl. compile, median of ``steps`` calls after ``warmup``); ``sync`` waits for a result."""
-    start = time.perf_counter()
-    sync(run())
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        sync(run())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        sync(run())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def rope_tables(seq: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -330,10 +314,9 @@ def measure_jax_llama(spec: dict, steps: int, dtype: Any = jnp.float32,
     out["inference"] = {}
     for batch, seq in shapes:
         x = jnp.ones((batch, seq), jnp.int32)
-        out["inference"][f"{batch}x{seq}"] = {
-            "base_s": median_seconds(lambda: base_fwd(params, x), steps)[1],
-            "merged_s": median_seconds(lambda: base_fwd(merged, x), steps)[1],
-            "unmerged_s": median_seconds(lambda: lora_fwd(params, lora, x), steps)[1]}
+        out["inference"][f"{batch}x{seq}"] = interleaved_medians(
+            {"base_s": lambda: base_fwd(params, x), "merged_s": lambda: base_fwd(merged, x),
+             "unmerged_s": lambda: lora_fwd(params, lora, x)}, steps)
     return out
 
 
