@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257, help="GPT-2 workloads only")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
                         help="GPT-2 workloads, jlora side: jlora.lm_head_cross_entropy or optax on sliced logits")
-    parser.add_argument("--loss-chunk", type=int, default=128, help="chunk_size of the fused loss")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="chunk_size (vocab columns) of the fused loss")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--rss", action="store_true", help="also peak RSS of each variant in its own process (cpu)")
     parser.add_argument("--only", choices=("none", *VARIANTS), help=argparse.SUPPRESS)

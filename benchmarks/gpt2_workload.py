@@ -34,7 +34,7 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def make_loss(model: Any, loss: str, chunk_size: int = 128) -> Any:
+def make_loss(model: Any, loss: str, chunk_size: int = 1024) -> Any:
     """``loss_fn(outputs_of(**model_kwargs), params, ids)`` and the model kwargs it needs."""
     if loss == "plain":
         return (lambda out, params, ids: lm_loss(out.logits, ids)), {}
@@ -50,7 +50,7 @@ def make_loss(model: Any, loss: str, chunk_size: int = 128) -> Any:
 
 def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
                 variants: tuple[str, ...] = ("jlora_lora", "jlora_full"), loss: str = "fused",
-                chunk_size: int = 128) -> dict[str, Any]:
+                chunk_size: int = 1024) -> dict[str, Any]:
     """Compile, memory analysis, median step of the jlora LoRA and full steps; inference latency."""
     import transformers as tf
     model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)

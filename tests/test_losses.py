@@ -82,7 +82,8 @@ def test_the_gradient_holds_one_logits_tensor_and_a_frozen_kernel_gets_no_gradie
     def kernel_gradient_dots(argnums):
         loss = lambda h, k: lm_head_cross_entropy(h, k, labels, chunk_size=chunk)  # noqa: E731
         hlo = jax.jit(jax.grad(loss, argnums)).lower(hidden, kernel).compile().as_text()
-        return [line for line in hlo.splitlines() if re.search(rf"f32\[{d},{vocab}\]\{{[0-9,]*\}} dot\(", line)]
+        # dW is formed block by block: (d, chunk) products of h^T and a block of the logits gradient
+        return [line for line in hlo.splitlines() if re.search(rf"f32\[{d},{chunk}\]\{{[0-9,]*\}} dot\(", line)]
     assert kernel_gradient_dots(0) == []
     assert len(kernel_gradient_dots((0, 1))) == 1
 
