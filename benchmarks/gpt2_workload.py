@@ -9,7 +9,6 @@ logits[:, :-1], ids[:, 1:])``. PEFT computes transformers' own loss (``labels=id
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 import optax
 
 import jlora
-from timing import interleaved_medians, median_seconds
+from timing import interleaved_medians, median_seconds, time_train_step
 
 RANK = 8
 
@@ -79,20 +78,7 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
                                         ("jlora_full", full_step, params, tx_full, {})):
         if name not in variants:
             continue
-        opt_state = tx.init(state)
-        start = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, ids, rest).compile()
-        compile_s = time.perf_counter() - start
-        mem = compiled.memory_analysis()
-        box = {"state": jax.tree_util.tree_map(jnp.copy, state), "opt": opt_state}
-
-        def run():
-            box["state"], box["opt"], loss = compiled(box["state"], box["opt"], ids, rest)
-            return loss
-        first, median = median_seconds(run, steps)
-        out[name] = {"compile_s": compile_s, "first_step_s": first, "step_s": median,
-                     "memory": {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-                                ("argument", "output", "alias", "temp")}}
+        out[name] = time_train_step(step, state, tx.init(state), ids, rest, steps)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
     if not shapes:

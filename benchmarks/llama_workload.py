@@ -19,7 +19,6 @@ param names follow HF's LlamaForCausalLM, so :func:`to_torch_state_dict` is a re
 from __future__ import annotations
 
 import gc
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 
 import jlora
-from timing import interleaved_medians, median_seconds
+from timing import interleaved_medians, median_seconds, time_train_step
 
 LLAMA_WORKLOADS = {  # llama-1b: TinyLlama-1.1B's shape
     "llama-1b": dict(d=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocab=32000, rope_theta=10000.0,
@@ -285,23 +284,9 @@ def measure_jax_llama(spec: dict, steps: int, dtype: Any = jnp.float32,
     out: dict[str, Any] = {"attention": attention or "default (xla)"}
     for name in variants:
         step, state, tx, rest = built[name]
-        opt_state = tx.init(state)
-        start = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, ids, rest).compile()
-        compile_s = time.perf_counter() - start
-        mem = compiled.memory_analysis()
-        box = {"state": jax.tree_util.tree_map(jnp.copy, state), "opt": opt_state}
-
-        def run():
-            box["state"], box["opt"], loss = compiled(box["state"], box["opt"], ids, rest)
-            return loss
-        first, median = median_seconds(run, steps)
-        out[name] = {"compile_s": compile_s, "first_step_s": first, "step_s": median, "loss": float(run()),
+        out[name] = {**time_train_step(step, state, tx.init(state), ids, rest, steps),
                      "xla_flops": xla_step_flops(spec, dtype, name, attention),
-                     "device_peak_bytes": _device_peak_bytes(),  # cumulative over the process (GPU only)
-                     "memory": {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in
-                                ("argument", "output", "alias", "temp")} if mem is not None else {}}
-        box.clear()  # free this variant's state before the next one
+                     "device_peak_bytes": _device_peak_bytes()}  # cumulative over the process (GPU only)
     trainable, params = built["jlora_lora"][1], built["jlora_full"][1]
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
