@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import jlora
-from timing import interleaved_medians, median_seconds, time_train_step
+from timing import median_seconds, time_inference, time_train_step
 
 RANK = 8
 
@@ -83,16 +83,10 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
     out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
     if not shapes:
         return out
-    lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)
-    merged = jlora.merge(params, lora, config)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)  # non-zero lora_b: a real unmerged path
     base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
     lora_fwd = jax.jit(lambda p, l, x: f(p, l, x).logits)
-    out["inference"] = {}
-    for batch, seq in shapes:
-        x = jnp.ones((batch, seq), jnp.int32)
-        out["inference"][f"{batch}x{seq}"] = interleaved_medians(
-            {"base_s": lambda: base_fwd(params, x), "merged_s": lambda: base_fwd(merged, x),
-             "unmerged_s": lambda: lora_fwd(params, lora, x)}, steps)
+    out["inference"] = time_inference(base_fwd, lora_fwd, params, lora, config, shapes, steps)
     return out
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 import jlora
-from timing import interleaved_medians, median_seconds, time_train_step
+from timing import median_seconds, time_inference, time_train_step
 
 LLAMA_WORKLOADS = {  # llama-1b: TinyLlama-1.1B's shape
     "llama-1b": dict(d=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocab=32000, rope_theta=10000.0,
@@ -293,15 +293,9 @@ def measure_jax_llama(spec: dict, steps: int, dtype: Any = jnp.float32,
     if not shapes:
         return out
     config, lora = lora_setup(model, params, ids)
-    lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)
-    merged = jlora.merge(params, lora, config)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)  # non-zero lora_b: a real unmerged path
     base_fwd, lora_fwd = jax.jit(model.apply), jax.jit(jlora.apply(model.apply, config))
-    out["inference"] = {}
-    for batch, seq in shapes:
-        x = jnp.ones((batch, seq), jnp.int32)
-        out["inference"][f"{batch}x{seq}"] = interleaved_medians(
-            {"base_s": lambda: base_fwd(params, x), "merged_s": lambda: base_fwd(merged, x),
-             "unmerged_s": lambda: lora_fwd(params, lora, x)}, steps)
+    out["inference"] = time_inference(base_fwd, lora_fwd, params, lora, config, shapes, steps)
     return out
 
 

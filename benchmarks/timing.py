@@ -66,3 +66,19 @@ def time_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest
     memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")} \
         if mem is not None else {}
     return {"compile_s": compile_s, "first_step_s": first, "step_s": median, "loss": float(run()), "memory": memory}
+
+
+def time_inference(base_fwd: Callable, lora_fwd: Callable, params: Any, lora: Any, config: Any,
+                   shapes: tuple, rounds: int) -> dict[str, dict[str, float]]:
+    """``{"BxT": {base_s, merged_s, unmerged_s}}``: jitted ``base_fwd(params, ids)`` on the base and on
+    the merged params, and ``lora_fwd(params, lora, ids)`` (unmerged), timed in turns
+    (:func:`interleaved_medians`) on ``(B, T)`` int32 ids for each of ``shapes``."""
+    import jlora
+    merged = jlora.merge(params, lora, config)
+    out = {}
+    for batch, seq in shapes:
+        ids = jnp.ones((batch, seq), jnp.int32)
+        out[f"{batch}x{seq}"] = interleaved_medians(
+            {"base_s": lambda: base_fwd(params, ids), "merged_s": lambda: base_fwd(merged, ids),
+             "unmerged_s": lambda: lora_fwd(params, lora, ids)}, rounds)
+    return out
