@@ -74,6 +74,11 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
         return optax.apply_updates(p, u), o, loss
 
     out: dict[str, Any] = {}
+    if shapes:
+        base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
+        lora_fwd = jax.jit(lambda p, l, x: f(p, l, x).logits)
+        nonzero = jax.tree_util.tree_map(lambda x: x + 0.01, lora)  # non-zero lora_b: a real unmerged path
+        out["inference"] = time_inference(base_fwd, lora_fwd, params, nonzero, config, shapes, steps)
     for name, step, state, tx, rest in (("jlora_lora", lora_step, trainable, tx_lora, frozen),
                                         ("jlora_full", full_step, params, tx_full, {})):
         if name not in variants:
@@ -81,12 +86,6 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
         out[name] = time_train_step(step, state, tx.init(state), ids, rest, steps)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
-    if not shapes:
-        return out
-    lora = jax.tree_util.tree_map(lambda x: x + 0.01, lora)  # non-zero lora_b: a real unmerged path
-    base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
-    lora_fwd = jax.jit(lambda p, l, x: f(p, l, x).logits)
-    out["inference"] = time_inference(base_fwd, lora_fwd, params, lora, config, shapes, steps)
     return out
 
 

@@ -25,10 +25,12 @@ def median_seconds(run: Callable[[], Any], steps: int, warmup: int = 2,
     return first, statistics.median(times)
 
 
-def interleaved_medians(runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
-                        min_seconds: float = 6.0, max_rounds: int = 300) -> dict[str, float]:
-    """Median seconds of each of ``runs``, timed in turns (a, b, c, a, b, c, ...) rather than one after
-    the other, so that a slow spell of the machine hits them all alike; ``warmup`` untimed calls each.
+def interleaved_times(runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
+                      min_seconds: float = 20.0, max_rounds: int = 400) -> dict[str, list[float]]:
+    """Seconds of each call of each of ``runs``, timed in turns rather than one after the other, so that a slow
+    spell of the machine hits them all alike, with the order rotated each round (a b c, b c a, c a b,
+    ...): on the CI box the first call of a fixed order was ~5% faster than the same call later in
+    the round. ``warmup`` untimed calls each.
     Fast calls get more rounds: at least ``rounds``, and enough to fill about ``min_seconds``
     (at most ``max_rounds``)."""
     for _ in range(max(warmup - 1, 0)):  # the first calls compile
@@ -40,12 +42,13 @@ def interleaved_medians(runs: dict[str, Callable[[], Any]], rounds: int, warmup:
     one_round = time.perf_counter() - start
     rounds = max(rounds, min(max_rounds, int(min_seconds / max(one_round, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
             start = time.perf_counter()
-            jax.block_until_ready(run())
+            jax.block_until_ready(runs[name]())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def time_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest: Any, steps: int) -> dict[str, Any]:
@@ -70,15 +73,19 @@ def time_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest
 
 def time_inference(base_fwd: Callable, lora_fwd: Callable, params: Any, lora: Any, config: Any,
                    shapes: tuple, rounds: int) -> dict[str, dict[str, float]]:
-    """``{"BxT": {base_s, merged_s, unmerged_s}}``: jitted ``base_fwd(params, ids)`` on the base and on
-    the merged params, and ``lora_fwd(params, lora, ids)`` (unmerged), timed in turns
-    (:func:`interleaved_medians`) on ``(B, T)`` int32 ids for each of ``shapes``."""
+    """``{"BxT": {base_s, merged_s, unmerged_s, merged_over_base, unmerged_over_base}}``: jitted
+    ``base_fwd(params, ids)`` on the base and on the merged params, and ``lora_fwd(params, lora, ids)``
+    (unmerged), timed in turns (:func:`interleaved_times`) on ``(B, T)`` int32 ids for each of
+    ``shapes``: median seconds of each, and the ratios as medians of the per-round ratios (paired, so a
+    slow spell that hits a whole round cancels out)."""
     import jlora
     merged = jlora.merge(params, lora, config)
     out = {}
     for batch, seq in shapes:
         ids = jnp.ones((batch, seq), jnp.int32)
-        out[f"{batch}x{seq}"] = interleaved_medians(
-            {"base_s": lambda: base_fwd(params, ids), "merged_s": lambda: base_fwd(merged, ids),
-             "unmerged_s": lambda: lora_fwd(params, lora, ids)}, rounds)
+        times = interleaved_times({"base_s": lambda: base_fwd(params, ids), "merged_s": lambda: base_fwd(merged, ids),
+                                   "unmerged_s": lambda: lora_fwd(params, lora, ids)}, rounds)
+        paired = lambda name: statistics.median(a / b for a, b in zip(times[name], times["base_s"]))  # noqa: E731
+        out[f"{batch}x{seq}"] = {**{name: statistics.median(t) for name, t in times.items()}, "rounds": len(
+            times["base_s"]), "merged_over_base": paired("merged_s"), "unmerged_over_base": paired("unmerged_s")}
     return out
