@@ -47,8 +47,8 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU: JAX's peak memory, not 75% of it
 import jax  # noqa: E402
 
-from gpt2_workload import gpt2_config, measure_jax, measure_torch  # noqa: E402
-from memory_theory import floor  # noqa: E402
+from gpt2_workload import RANK, gpt2_config, measure_jax, measure_torch  # noqa: E402
+from memory_theory import floor, live_bytes, state_bytes  # noqa: E402
 from llama_workload import (LLAMA_INFERENCE_SHAPES, LLAMA_WORKLOADS, measure_jax_llama,  # noqa: E402
                             measure_torch_llama, mfu, model_flops_per_step, peak_flops)
 
@@ -57,7 +57,6 @@ WORKLOADS = {"W1": dict(n_layer=4, n_embd=256, n_head=4, batch=8, seq=128),
              "tiny": dict(n_layer=2, n_embd=64, n_head=2, batch=2, seq=32), **LLAMA_WORKLOADS}
 INFERENCE_SHAPES = {"W1": ((1, 128), (16, 256)), "W2": ((1, 128), (16, 256)), "tiny": ((1, 32), (2, 64)),
                     **LLAMA_INFERENCE_SHAPES}
-RANK = 8
 
 
 VARIANTS = ("jlora_lora", "jlora_full", "peft_lora", "torch_full")
@@ -106,23 +105,16 @@ def run_only(args: argparse.Namespace, spec: dict) -> None:
 
 def floor_rows(spec: dict, vocab: int, jax_result: dict) -> list[str]:
     """XLA's live bytes beside the no-recomputation floor of memory_theory (GPT-2 workloads)."""
-    live = lambda m: m["argument"] + m["output"] - m["alias"] + m["temp"]  # noqa: E731
     b = jax_result["bytes"]
     args = (spec, vocab, b["params"], b["trainable"], 4 * spec["batch"] * spec["seq"])
     same, aware = floor(*args), floor(*args, lora_aware=True, rank=RANK)
-    lora_live, full_live = live(jax_result["jlora_lora"]["memory"]), live(jax_result["jlora_full"]["memory"])
+    lora_live, full_live = (live_bytes(jax_result[v]["memory"]) for v in ("jlora_lora", "jlora_full"))
     jax_result["floor"] = {"same_activations": same, "lora_aware": aware}
     mib = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
     return [f"| activations, analytic (MiB) | {mib(same['activations_lora'])} | {mib(same['activations_full'])} | | |",
             f"| floor: state + activations (MiB) | {mib(same['lora'])} | {mib(same['full'])} | | |",
             f"| XLA live / floor | {lora_live / same['lora']:.3f} | {full_live / same['full']:.3f} | | |",
             f"| LoRA-aware floor (MiB), XLA live / it | {mib(aware['lora'])}, {lora_live / aware['lora']:.3f} | | | |"]
-
-
-def theoretical(result: dict) -> dict[str, int]:
-    """Parameter + gradient + two Adam moments of what trains (activations not included)."""
-    params, trainable = result["bytes"]["params"], result["bytes"]["trainable"]
-    return {"lora": params + 3 * trainable, "full": 4 * params}
 
 
 def add_mfu(spec: dict, jax_result: dict, torch_result: dict, dtype: str, device_kind: str) -> None:
@@ -160,8 +152,7 @@ def table(workload: str, jax_result: dict, torch_result: dict, where: str, rss: 
     j_lora, j_full = jax_result["jlora_lora"], jax_result["jlora_full"]
     p_lora, t_full = torch_result["peft_lora"], torch_result["torch_full"]
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-    live = lambda m: m["argument"] + m["output"] - m["alias"] + m["temp"]  # noqa: E731
-    theory = theoretical(jax_result)
+    theory = state_bytes(jax_result["bytes"]["params"], jax_result["bytes"]["trainable"])
     lines = [f"workload {workload}: {spec or WORKLOADS[workload]}, r={RANK} on {target}, {where}, "
              f"jax {jax.__version__}",
              "| train step | jlora LoRA | jlora full | PEFT LoRA | torch full |", "| --- | --- | --- | --- | --- |",
@@ -169,7 +160,8 @@ def table(workload: str, jax_result: dict, torch_result: dict, where: str, rss: 
              f"{t_full['step_s']:.3f} |",
              f"| compile / first step (s) | {j_lora['compile_s']:.1f} | {j_full['compile_s']:.1f} | "
              f"{p_lora['first_step_s']:.2f} | {t_full['first_step_s']:.2f} |",
-             f"| XLA live bytes (MiB) | {mib(live(j_lora['memory']))} | {mib(live(j_full['memory']))} | | |",
+             f"| XLA live bytes (MiB) | {mib(live_bytes(j_lora['memory']))} | "
+             f"{mib(live_bytes(j_full['memory']))} | | |",
              f"| XLA temp bytes (MiB) | {mib(j_lora['memory']['temp'])} | {mib(j_full['memory']['temp'])} | | |",
              f"| theoretical params+grads+adam (MiB) | {mib(theory['lora'])} | {mib(theory['full'])} | | |",
              *(extra or []),

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import jlora
+from memory_theory import live_bytes, state_bytes
 
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 D, HEADS, LAYERS, VOCAB, SEQ, BATCH = 256, 4, 4, 50257, 128, 8
@@ -96,7 +97,7 @@ def compile_step(loss_of: Callable[[Any, jax.Array, jax.Array], jax.Array], tx: 
     opt_state = jax.eval_shape(tx.init, state)
     stats = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, *extra).compile().memory_analysis()
     result = {field: int(getattr(stats, f"{field}_size_in_bytes")) for field in FIELDS}
-    result["live"] = result["argument"] + result["output"] - result["alias"] + result["temp"]
+    result["live"] = live_bytes(result)
     return result
 
 
@@ -112,8 +113,8 @@ def measure(name: str) -> dict[str, Any]:
                               jlora.optimizer(optax.adamw(1e-3), config), trainable, frozen, x, y)
     full_bytes = compile_step(lambda p, xb, yb: loss(model.apply(p, xb), yb), optax.adamw(1e-3), variables, x, y)
     params, train = nbytes(variables), nbytes(trainable)
-    lora_bytes["theoretical"] = nbytes(frozen) + 4 * train
-    full_bytes["theoretical"] = 4 * params
+    lora_bytes["theoretical"] = state_bytes(nbytes(frozen), train)["lora"]
+    full_bytes["theoretical"] = state_bytes(params, train)["full"]
     return {"model": name, "backend": jax.default_backend(), "jax": jax.__version__,
             "count": str(jlora.count(variables, lora, config)),
             "params_bytes": params, "trainable_bytes": train, "frozen_bytes": nbytes(frozen),

@@ -33,7 +33,7 @@ def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def make_loss(model: Any, loss: str, chunk_size: int = 1024) -> Any:
+def make_loss(loss: str, chunk_size: int = 1024) -> Any:
     """``loss_fn(outputs_of(**model_kwargs), params, ids)`` and the model kwargs it needs."""
     if loss == "plain":
         return (lambda out, params, ids: lm_loss(out.logits, ids)), {}
@@ -61,7 +61,7 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
     ids = jnp.asarray(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])),
                       jnp.int32)
     tx_lora, tx_full = jlora.optimizer(optax.adamw(1e-4), config), optax.adamw(1e-4)
-    loss_fn, model_kwargs = make_loss(model, loss, chunk_size)
+    loss_fn, model_kwargs = make_loss(loss, chunk_size)
 
     def lora_step(t, o, ids, fz):  # the frozen base is an argument: closed over, XLA bakes it in as constants
         loss, g = jax.value_and_grad(lambda t: loss_fn(f(fz, t, ids, **model_kwargs), fz, ids))(t)

@@ -44,16 +44,28 @@ def gpt2_activation_bytes(spec: dict, vocab: int, *, lora_aware: bool, rank: int
     return itemsize * (spec["n_layer"] * per_layer + tail)
 
 
+def live_bytes(memory: dict[str, int]) -> int:
+    """What a compiled step holds at its peak, from XLA's memory analysis (``argument``, ``output``,
+    ``alias``, ``temp`` bytes): arguments + outputs - donated aliases + temporaries."""
+    return memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+
+
+def state_bytes(params_bytes: int, trainable_bytes: int) -> dict[str, int]:
+    """Training state of each step, activations left out. LoRA: the frozen params + the trainable
+    tree, its gradient and two Adam moments (``P + 4 T``); full: params, gradients and two Adam
+    moments (``4 P``)."""
+    return {"lora": params_bytes + 4 * trainable_bytes, "full": 4 * params_bytes}
+
+
 def floor(spec: dict, vocab: int, params_bytes: int, trainable_bytes: int, batch_bytes: int, *,
           lora_aware: bool = False, rank: int = 8) -> dict[str, int]:
     """Byte floors of the LoRA and the full step: state + activations.
 
-    LoRA: frozen params + trainable (with its gradient and two Adam moments) + activations;
-    full: params + gradients + two Adam moments (4 x params) + activations. ``batch_bytes`` (the
-    token ids) is added to both.
+    :func:`state_bytes` + activations; ``batch_bytes`` (the token ids) is added to both.
     """
     activations_full = gpt2_activation_bytes(spec, vocab, lora_aware=False)
     activations_lora = gpt2_activation_bytes(spec, vocab, lora_aware=lora_aware, rank=rank)
-    return {"lora": params_bytes + 4 * trainable_bytes + activations_lora + batch_bytes,
-            "full": 4 * params_bytes + activations_full + batch_bytes,
+    state = state_bytes(params_bytes, trainable_bytes)
+    return {"lora": state["lora"] + activations_lora + batch_bytes,
+            "full": state["full"] + activations_full + batch_bytes,
             "activations_lora": activations_lora, "activations_full": activations_full}
