@@ -6,7 +6,8 @@
     merged = jlora.merge(params, lora, config)
 """
 from jlora.config import LoraConfig
-from jlora.core import KernelLayout, delta, init, merge, unmerge
+from jlora.plan import AdapterPlan, KernelLayout, Target, make_plan
+from jlora.core import delta, init, merge, unmerge
 from jlora.intercept import LoraApply, apply, find_layouts
 from jlora.layers import LoraDense
 from jlora.losses import lm_head_cross_entropy, next_token_targets
@@ -19,7 +20,7 @@ from jlora import hf  # noqa: E402  (jlora.hf imports transformers lazily: not a
 
 __version__ = "0.1.0"
 __all__ = [
-    "hf", "LoraConfig", "KernelLayout", "LoraApply", "LoraCount", "LoraDense",
+    "hf", "LoraConfig", "AdapterPlan", "KernelLayout", "Target", "make_plan", "LoraApply", "LoraCount", "LoraDense",
     "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
     "partition", "split", "unmerge", "make_train_step", "make_pmap_train_step", "plan_shardings",
     "AdapterCheckpointer", "lm_head_cross_entropy", "next_token_targets",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -45,7 +46,7 @@ def _as_pairs(name: str, value: Mapping[str, Any] | Iterable[tuple[str, Any]] | 
             re.compile(key)
         except re.error as err:
             raise ValueError(f"LoraConfig.{name}: {key!r} is not a valid regular expression ({err})") from None
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or (kind is int and int(item) != item):
+        if isinstance(item, bool) or not isinstance(item, numbers.Real) or (kind is int and int(item) != item):
             wanted = "an integer" if kind is int else "a number"
             raise ValueError(f"LoraConfig.{name}[{key!r}]: expected {wanted}, got {item!r}")
         if item <= 0:
@@ -96,8 +97,10 @@ class LoraConfig:
         (PEFT's kaiming-uniform with a=sqrt(5)); ``"gaussian"``: ``lora_a ~ N(0, 1/r²)``; for
         embeddings ``lora_a ~ N(0, 1)``. ``lora_b`` is zeros in all three, so the adapted model
         equals the base at init. ``False``: ``lora_b`` random too (testing only).
-      fan_in_fan_out: the targeted kernels are stored transposed, (fan_out, fan_in), as in
-        GPT-2's ``FlaxConv1D`` (PEFT's flag of the same name, for the same layers).
+      fan_in_fan_out: ``None`` (default): each kernel's storage order is derived (GPT-2's
+        ``FlaxConv1D`` stores (fan_out, fan_in); jlora knows it from the model, or from the params
+        tree's shape when no model is given). ``True`` forces (fan_out, fan_in) for every 2-D kernel
+        that no model call contradicts (PEFT's flag of the same name); ``False`` is the same as None.
       enable_lora: ``{regex: (bool, ...)}`` for fused projections (loralib's ``MergedLinear``):
         the kernel's output features split into ``len(mask)`` equal slices and only the slices
         marked True get an adapter, e.g. ``{"c_attn": (True, False, True)}`` adapts GPT-2's Wq
@@ -115,18 +118,27 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: Sequence[str] | None = ()
     init_lora_weights: bool | str = True
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool | None = None
     enable_lora: Mapping[str, Sequence[bool]] | tuple = ()
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r <= 0:
             raise ValueError(f"LoraConfig.r: expected a positive integer rank, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha):
-            raise ValueError(f"LoraConfig.lora_alpha: expected a finite number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        set_("r", int(self.r))
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, numbers.Real) \
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha: expected a finite number > 0 (scale = lora_alpha / r; with 0 "
+                             f"every adapter gradient is 0), got {self.lora_alpha!r}")
+        set_("lora_alpha", float(self.lora_alpha) if not isinstance(self.lora_alpha, numbers.Integral)
+             else int(self.lora_alpha))
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, numbers.Real) \
+                or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout: expected a rate in [0, 1), got {self.lora_dropout!r}")
+        set_("lora_dropout", float(self.lora_dropout))
+        if self.fan_in_fan_out not in (None, True, False):
+            raise ValueError(f"LoraConfig.fan_in_fan_out: expected None (derive from the layer), True or False, "
+                             f"got {self.fan_in_fan_out!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias: expected one of {BIAS_MODES}, got {self.bias!r}")
         if self.init_lora_weights not in INIT_MODES or self.init_lora_weights is None:
@@ -204,7 +216,7 @@ class LoraConfig:
             for key, _ in getattr(self, field):
                 if not any(_suffix_regex(key).fullmatch(p) for p in paths):
                     raise ValueError(f"LoraConfig.{field}: pattern {key!r} matches none of the adapted "
-                                     f"modules {_preview(paths)}")
+                                     f"modules {preview(paths)}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (patterns back as dicts, tuples as lists)."""
@@ -227,6 +239,18 @@ class LoraConfig:
         return cls(**data)
 
 
+def check_config(config: Any, caller: str) -> None:
+    """Raise a TypeError naming ``caller`` unless ``config`` is a :class:`LoraConfig`."""
+    if not isinstance(config, LoraConfig):
+        hint = ""
+        if type(config).__name__ == "LoraConfig":
+            hint = (" (this is PEFT's LoraConfig; jlora.hf.load_peft reads a PEFT adapter folder, or build "
+                    "jlora.LoraConfig(r=..., lora_alpha=..., target_modules=...))")
+        elif isinstance(config, Mapping):
+            hint = " (for a dict, use jlora.LoraConfig(**d) or jlora.LoraConfig.from_dict(d))"
+        raise TypeError(f"{caller}: config must be a jlora.LoraConfig, got {type(config).__name__}{hint}")
+
+
 def path_ends_with(module_path: str, name: str) -> bool:
     """``name`` (one or more "/"-separated components) is the tail of ``module_path``."""
     name = name.strip("/")
@@ -246,7 +270,7 @@ def _lookup(pairs: tuple[tuple[str, Any], ...], module_path: str, default: Any) 
     return default
 
 
-def _preview(items: Iterable[str], limit: int = 12) -> str:
+def preview(items: Iterable[str], limit: int = 12) -> str:
     items = list(items)
     shown = ", ".join(repr(i) for i in items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"

@@ -1,10 +1,15 @@
 """``jlora.apply``: LoRA for any linen model without touching its code.
 
-``apply(fn, config)`` returns ``f(params, lora, *args, **kwargs)``, which overlays ``lora`` onto
-``params`` (each adapter lands in its layer's own params dict, next to the kernel) and calls
-``fn(combined, *args, **kwargs)`` under ``flax.linen.intercept_methods``. When an ``nn.Dense``,
-``nn.DenseGeneral`` or ``nn.Embed`` whose params hold ``lora_a``/``lora_b`` is called, the
-interceptor runs the layer unchanged and adds the low-rank path of :mod:`jlora.layers`.
+``apply(fn, config)`` returns ``f(params, lora, *args, **kwargs)``, which builds the adapter plan
+(:func:`jlora.plan.make_plan`: every adapter checked against its kernel and the config, naming the
+module at fault), overlays ``lora`` onto ``params`` (each adapter lands in its layer's own params
+dict, next to the kernel) and calls ``fn(combined, *args, **kwargs)`` under
+``flax.linen.intercept_methods``. When an ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Embed`` (or a
+layer kind an integration registered, e.g. GPT-2's Conv1D) whose params hold ``lora_a``/``lora_b``
+is called, the interceptor runs the layer unchanged and adds the low-rank path of
+:mod:`jlora.layers`. A Dense-like head whose kernel is not a param of its own but an adapted
+embedding table read transposed (a tied LM head) gets the embedding's adapter too: a tied weight
+is one weight, so ``apply`` agrees with ``merge``.
 
 Because the adapters live in the params collection, every linen lifted transform treats them
 like the kernel: ``nn.scan``/``nn.vmap`` slice a stacked ``(layers, fan_in, r)`` adapter per layer,
@@ -13,30 +18,18 @@ arrays. An adapter that no intercepted call used is an error (it would silently 
 """
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from jlora.config import LoraConfig
-from jlora.core import KernelLayout, adapter_scale
-from jlora.layers import add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
-from jlora.tree import (COLLECTION, Tree, adapter_modules, combine, flatten, is_variables_dict,
-                        key_path_str)
-
-SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Embed)
-TRANSPOSED_LAYERS = ("FlaxConv1D",)  # HF GPT-2's projection: kernel stored (fan_out, fan_in)
-
-
-def is_transposed_layer(module: nn.Module) -> bool:
-    """Layers whose kernel is stored (fan_out, fan_in), e.g. GPT-2's ``FlaxConv1D``."""
-    return type(module).__name__ in TRANSPOSED_LAYERS
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, SUPPORTED) or is_transposed_layer(module)
+from jlora.config import LoraConfig, check_config
+from jlora.core import init
+from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
+from jlora.layerkinds import KernelLayout, as_function, contracted_axes, is_adaptable, observe_layers
+from jlora.plan import AdapterPlan, Target, make_plan
+from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
@@ -47,77 +40,85 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
     raise TypeError("LoRA layer called without inputs")
 
 
-def _contracted_axes(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module, nn.DenseGeneral):
-        if tuple(nn.linear._canonicalize_tuple(module.batch_dims)):
-            raise NotImplementedError(f"jlora: DenseGeneral at {'/'.join(module.path)!r} has batch_dims="
-                                      f"{module.batch_dims}; LoRA on batched kernels is not supported")
-        return nn.linear._canonicalize_tuple(module.axis)
-    return (-1,)
-
-
-def is_hf_model(obj: Any) -> bool:
-    """A Hugging Face ``FlaxPreTrainedModel`` (checked only if transformers is already imported;
-    transformers 5 has no Flax models, so nothing is one there)."""
-    transformers = sys.modules.get("transformers")
-    flax_model_class = getattr(transformers, "FlaxPreTrainedModel", None) if transformers is not None else None
-    return flax_model_class is not None and isinstance(obj, flax_model_class)
-
-
-def as_params_function(fn: Any) -> Callable:
-    """``fn`` itself, or for an HF Flax model ``(params, *a, **kw) -> model(*a, params=params, **kw)``."""
-    if is_hf_model(fn):
-        def call_model(params: Tree, *args: Any, **kwargs: Any) -> Any:
-            return fn(*args, params=params, **kwargs)
-        return call_model
-    if not callable(fn):
-        raise TypeError(f"jlora.apply: fn must be callable (e.g. module.apply) or an HF Flax model, "
-                        f"got {type(fn).__name__}")
-    return fn
-
-
 class _Interceptor:
-    """Adds the LoRA path to adapted layers; records which adapters were used."""
+    """Adds the LoRA path to adapted layers (and tied heads); records which adapters were used."""
 
-    def __init__(self, config: LoraConfig, dropout_rng: str):
-        self.config = config
-        self.dropout_rng = dropout_rng
+    def __init__(self, plan: AdapterPlan, params: Tree, lora: Tree, dropout_rng: str):
+        self.plan, self.dropout_rng = plan, dropout_rng
+        self.param_keys = set(flatten(params))
+        self.prefix = (COLLECTION,) if plan.in_variables else ()
+        pairs = adapter_modules(lora)
+        self.embeddings = {t.path: (t, pairs[t.key_path[:-1]]) for t in plan.values() if t.kind == "embed"}
         self.used: set[str] = set()
+
+    def _dropout(self, module: nn.Module, x: Any) -> Any:
+        rng = None
+        if self.plan.config.lora_dropout > 0.0 and module.has_rng(self.dropout_rng):
+            rng = module.make_rng(self.dropout_rng)
+        return dropout(x, self.plan.config.lora_dropout, rng)
+
+    def _tied_head(self, module: nn.Module) -> tuple[Target, Mapping[str, Any]] | None:
+        """The adapted embedding whose table this kernel-less Dense call reads transposed, if any."""
+        if not self.embeddings or not isinstance(module, nn.Dense) or \
+                (*self.prefix, *module.path, "kernel") in self.param_keys:
+            return None
+        kernel = module.get_variable(COLLECTION, "kernel")
+        if kernel is None:
+            return None
+        matches = [hit for hit in self.embeddings.values() if tuple(reversed(hit[0].shape)) == tuple(kernel.shape)]
+        if len(matches) > 1:
+            raise ValueError(f"jlora.apply: the head at {'/'.join(module.path)!r} reads a kernel of shape "
+                             f"{tuple(kernel.shape)} that several adapted embeddings could be tied to: "
+                             f"{[t.path for t, _ in matches]}")
+        return matches[0] if matches else None
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        wrapped = context.method_name == "__call__" or (context.method_name == "attend" and isinstance(module, nn.Embed))
-        if not wrapped or not is_adaptable(module) or not module.has_variable(COLLECTION, "lora_a"):
-            return next_fun(*args, **kwargs)
+        method = context.method_name
         path = "/".join(module.path)
+        if isinstance(module, LoraDense) and method == "__call__" and path in self.plan:
+            if abs(module.scale - self.plan[path].scale) > 1e-12 * max(1.0, abs(module.scale)):
+                raise ValueError(f"jlora.apply: LoraDense at {path!r} has scale {module.scale:g} (lora_alpha "
+                                 f"{module.lora_alpha:g}, r {module.r}) but the config gives {self.plan[path].scale:g}; "
+                                 "merge would fold a different update than the layer applies")
+            self.used.add(path)
+            return next_fun(*args, **kwargs)
+        wrapped = method == "__call__" or (method == "attend" and isinstance(module, nn.Embed))
+        if not wrapped or not is_adaptable(module):
+            return next_fun(*args, **kwargs)
+        if not module.has_variable(COLLECTION, "lora_a"):
+            tied = self._tied_head(module) if method == "__call__" else None
+            if tied is None:
+                return next_fun(*args, **kwargs)
+            target, pair = tied
+            self.used.add(target.path)
+            x = self._dropout(module, _first_input(args, kwargs))
+            return add_delta(next_fun(*args, **kwargs), attend_delta(x, pair["lora_a"], pair["lora_b"], target.scale))
+        target = self.plan.get(path)
+        if target is None:
+            raise ValueError(f"jlora.apply: the layer at {path!r} holds lora_a but the adapter plan has no entry for "
+                             "it; was lora made for another params tree?")
         lora_a = module.get_variable(COLLECTION, "lora_a")
         lora_b = module.get_variable(COLLECTION, "lora_b")
-        if lora_b is None:
-            raise ValueError(f"lora: module {path!r} has lora_a but no lora_b")
-        scale = adapter_scale(self.config, path, lora_a)
-        if not isinstance(module, nn.Embed) and is_transposed_layer(module) != self.config.fan_in_fan_out:
-            raise ValueError(
-                f"LoraConfig.fan_in_fan_out={self.config.fan_in_fan_out} but the layer at {path!r} "
-                f"({type(module).__name__}) stores its kernel as "
-                f"{'(fan_out, fan_in)' if is_transposed_layer(module) else '(fan_in, fan_out)'}: set "
-                f"fan_in_fan_out={is_transposed_layer(module)} (one config cannot mix both kinds)")
         self.used.add(path)
         base = next_fun(*args, **kwargs)
         x = _first_input(args, kwargs)
         if isinstance(module, nn.Embed):
-            if context.method_name == "attend":
-                return add_delta(base, attend_delta(x, lora_a, lora_b, scale))
-            return add_delta(base, embed_delta(x, lora_a, lora_b, scale))
-        rng = None
-        if self.config.lora_dropout > 0.0 and module.has_rng(self.dropout_rng):
-            rng = module.make_rng(self.dropout_rng)
-        x = dropout(x, self.config.lora_dropout, rng)
-        mask = self.config.slices_for(path)
-        if mask is not None:
-            return add_delta(base, fused_dense_delta(x, lora_a, lora_b, scale, mask,
-                                                     precision=module.precision))
-        return add_delta(base, dense_delta(x, lora_a, lora_b, scale, axis=_contracted_axes(module),
-                                           precision=module.precision))
+            if method == "attend":
+                return add_delta(base, attend_delta(x, lora_a, lora_b, target.scale))
+            return add_delta(base, embed_delta(x, lora_a, lora_b, target.scale))
+        axes = contracted_axes(module)
+        fan_in = tuple(x.shape[a] for a in axes)
+        if fan_in != tuple(lora_a.shape[-1 - len(axes):-1]):
+            raise ValueError(f"jlora.apply: the layer at {path!r} ({type(module).__name__}) contracts inputs of "
+                             f"shape {fan_in} but its lora_a is {tuple(lora_a.shape)}; the adapter was made with the "
+                             "wrong axis roles (make it with jlora.init(..., model=...) so they are read off the layer)")
+        x = self._dropout(module, x)
+        precision = getattr(module, "precision", None)
+        if target.slices is not None:
+            return add_delta(base, fused_dense_delta(x, lora_a, lora_b, target.scale, target.slices,
+                                                     precision=precision))
+        return add_delta(base, dense_delta(x, lora_a, lora_b, target.scale, axis=axes, precision=precision))
 
 
 class LoraApply:
@@ -135,65 +136,59 @@ class LoraApply:
 
     def __init__(self, fn: Callable, config: LoraConfig, *, dropout_rng: str = "dropout",
                  allow_unused: bool = False):
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"jlora.apply: config must be a jlora.LoraConfig, got {type(config).__name__}")
-        self.fn, self.config = as_params_function(fn), config
+        check_config(config, "jlora.apply")
+        self.model, self.fn, self.config = fn, as_function(fn, "jlora.apply"), config
         self.dropout_rng, self.allow_unused = dropout_rng, allow_unused
 
+    def plan(self, params: Tree, lora: Tree | None = None, *inputs: Any, **kwargs: Any) -> AdapterPlan:
+        """The adapter plan over ``params``: of ``lora``'s adapters, or (``lora=None``) of the config's
+        targets, with axis roles read off the model (``inputs``: example inputs of a linen model)."""
+        return make_plan(params, self.config, lora=lora, model=self._model(inputs, kwargs), inputs=inputs,
+                         caller="jlora.apply")
+
+    def init(self, rng: jax.Array, params: Tree, *inputs: Any, dtype: Any = None,
+             layouts: Mapping[str, KernelLayout] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """:func:`jlora.init` with the axis roles read off this model (``inputs``: example inputs of a
+        linen model; an HF model needs none)."""
+        return init(rng, params, self.config, model=self._model(inputs, kwargs), inputs=inputs, dtype=dtype,
+                    layouts=layouts)
+
+    def _model(self, inputs: tuple, kwargs: dict) -> Any:
+        if self.model is not self.fn:  # a registered model object (HF): it makes its own dummy inputs
+            return self.model
+        return (lambda p, *a: self.fn(p, *a, **kwargs)) if inputs else None
+
     def __call__(self, params: Tree, lora: Tree, *args: Any, **kwargs: Any) -> Any:
-        interceptor = _Interceptor(self.config, self.dropout_rng)
+        plan = make_plan(params, self.config, lora=lora, caller="jlora.apply")
+        interceptor = _Interceptor(plan, params, lora, self.dropout_rng)
         with nn.intercept_methods(interceptor):
             out = self.fn(combine(params, lora), *args, **kwargs)
         if not self.allow_unused:
-            self._check_used(params, lora, interceptor.used)
+            unused = sorted(set(plan) - interceptor.used)
+            if unused:
+                raise ValueError(
+                    f"jlora.apply: the adapters at {unused} were never used: no nn.Dense, nn.DenseGeneral, nn.Embed "
+                    "(or registered layer) call with those paths ran inside fn (another layer kind, or a layer not "
+                    "called in this forward). Pass allow_unused=True to jlora.apply if that is intended.")
         return out
-
-    @staticmethod
-    def _check_used(params: Tree, lora: Tree, used: set[str]) -> None:
-        skip = 1 if is_variables_dict(params) else 0
-        unused = sorted(key_path_str(path[skip:]) for path in adapter_modules(lora)
-                        if key_path_str(path[skip:]) not in used)
-        if unused:
-            raise ValueError(
-                f"jlora.apply: the adapters at {unused} were never used: no nn.Dense, nn.DenseGeneral or "
-                "nn.Embed call with those paths ran inside fn (another layer kind, or a layer not called "
-                "in this forward). Pass allow_unused=True to jlora.apply if that is intended.")
 
 
 def apply(fn: Callable, config: LoraConfig, *, dropout_rng: str = "dropout",
           allow_unused: bool = False) -> LoraApply:
-    """Wrap ``fn`` (e.g. ``module.apply``) as ``f(params, lora, *args, **kwargs)``.
+    """Wrap ``fn`` (e.g. ``module.apply``, or an HF Flax model) as ``f(params, lora, *args, **kwargs)``.
 
-    ``f(params, lora, *a) == fn(params, *a)`` with each targeted kernel ``W`` acting as
-    ``W + scale * lora_a @ lora_b``, computed as ``x @ W + scale * (x @ lora_a) @ lora_b``.
+    ``f(params, lora, *a) == fn(merge(params, lora, config), *a)``, computed as
+    ``x @ W + scale * (x @ lora_a) @ lora_b`` for each adapted kernel ``W`` (never materialized).
+    ``f.init(rng, params, *example_inputs)`` makes adapters with the axis roles read off ``fn``.
     """
     return LoraApply(fn, config, dropout_rng=dropout_rng, allow_unused=allow_unused)
 
 
 def find_layouts(fn: Callable, params: Tree, *args: Any, **kwargs: Any) -> dict[str, KernelLayout]:
-    """Read every Dense/DenseGeneral/Embed kernel's :class:`KernelLayout` off a model.
+    """Every adaptable kernel's :class:`KernelLayout`, read off ``fn`` (``jax.eval_shape``, no FLOPs).
 
-    Runs ``fn(params, *args, **kwargs)`` abstractly (``jax.eval_shape``: no FLOPs) and, for each
-    layer call, compares the kernel the layer sees with the one in ``params``: extra leading axes
-    are stacked layers (``nn.scan``), the layer's ``axis`` gives the input axes.
+    Rarely needed: ``jlora.init(..., model=fn, inputs=...)`` and ``jlora.apply(fn, config).init``
+    read the same facts themselves.
     """
-    fn = as_params_function(fn)
-    flat = flatten(params)
-    prefix = (COLLECTION,) if is_variables_dict(params) else ()
-    layouts: dict[str, KernelLayout] = {}
-
-    def record(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
-        module = context.module
-        if context.method_name == "__call__" and is_adaptable(module):
-            leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
-            seen = module.get_variable(COLLECTION, leaf)
-            stored = flat.get((*prefix, *module.path, leaf))
-            if seen is not None and stored is not None:
-                layouts["/".join(module.path)] = KernelLayout(
-                    stack_dims=stored.ndim - seen.ndim, in_dims=len(_contracted_axes(module)),
-                    transposed=is_transposed_layer(module))
-        return next_fun(*a, **kw)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda p: fn(p, *args, **kwargs), params)
-    return layouts
+    facts, _ = observe_layers(as_function(fn, "jlora.find_layouts"), params, *args, **kwargs)
+    return {path: fact.layout for path, fact in facts.items()}

@@ -15,7 +15,6 @@ the trainable tree through ``optax.tree_map_params``; its scalars are replicated
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -23,49 +22,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.config import LoraConfig
-from jlora.tree import KERNEL_KEYS, LORA_KEYS, Tree, flatten, is_variables_dict, key_path_str, module_path, unflatten
+from jlora.plan import Target, spec_entries, make_plan
+from jlora.tree import LORA_KEYS, Tree, flatten, unflatten
 
 
-def _entries(spec: Any, ndim: int) -> list[Any]:
-    spec = spec.spec if isinstance(spec, NamedSharding) else spec
-    if spec is None:
-        return [None] * ndim
-    entries = list(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"PartitionSpec {spec} has more entries than the {ndim} axes of its array")
-    return entries + [None] * (ndim - len(entries))
-
-
-def _fits(entry: Any, length: int, mesh: Mesh | None) -> Any:
-    """``entry`` if the mesh axes it names divide ``length``, else None (replicated)."""
-    if entry is None or mesh is None:
-        return entry
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return entry if length % math.prod(mesh.shape[n] for n in names) == 0 else None
-
-
-def adapter_specs(kernel_shape: tuple[int, ...], kernel_spec: Any, lora_a_shape: tuple[int, ...],
-                  lora_b_shape: tuple[int, ...], *, transposed: bool = False, fused: bool = False,
-                  mesh: Mesh | None = None) -> tuple[P, P]:
-    """``(spec of lora_a, spec of lora_b)`` from the kernel's spec; see the module docstring."""
-    k = _entries(kernel_spec, len(kernel_shape))
-    extra = 1 if fused else 0  # fused adapters carry a leading (n_enabled,) slice axis after the stack
-    n_stack = len(lora_a_shape) + len(lora_b_shape) - 2 - 2 * extra - len(kernel_shape)
-    n_in = len(lora_a_shape) - 1 - n_stack - extra
-    stack = k[:n_stack]
-    if transposed:
-        k_in, k_out = k[n_stack + 1:n_stack + 2], k[n_stack:n_stack + 1]
-    else:
-        k_in, k_out = k[n_stack:n_stack + n_in], k[n_stack + n_in:]
-    a = [*stack, *([None] * extra), *k_in, None]
-    b = [*stack, *([None] * extra), None, *k_out]
-    a = [_fits(e, n, mesh) for e, n in zip(a, lora_a_shape)]
-    b = [_fits(e, n, mesh) for e, n in zip(b, lora_b_shape)]
-    return P(*a), P(*b)
+def adapter_specs(target: Target, kernel_spec: Any, mesh: Mesh | None = None) -> tuple[P, P]:
+    """``(spec of lora_a, spec of lora_b)`` of one planned target from its kernel's spec."""
+    return target.specs(kernel_spec, mesh)
 
 
 def derive_specs(params: Tree, param_specs: Tree, trainable: Tree, config: LoraConfig, *,
-                 mesh: Mesh | None = None) -> dict[str, Any]:
+                 mesh: Mesh | None = None, model: Any = None) -> dict[str, Any]:
     """PartitionSpecs for ``trainable`` (adapters + trained base leaves) from the base's specs.
 
     Args:
@@ -74,28 +41,22 @@ def derive_specs(params: Tree, param_specs: Tree, trainable: Tree, config: LoraC
         a missing leaf means replicated.
       trainable: the adapter tree or the trainable tree of :func:`jlora.split`.
       mesh: when given, axes the mesh does not divide are replicated.
+      model: optional, settles a square 2-D kernel's storage order (see :func:`jlora.make_plan`).
     """
-    shapes, specs = flatten(params), flatten(param_specs, "param_specs")
-    in_vars = is_variables_dict(params)
-    out: dict[tuple, Any] = {}
+    specs = flatten(param_specs, "param_specs")
     flat = flatten(trainable, "lora")
+    has_adapters = any(path[-1] in LORA_KEYS for path in flat)
+    plan = make_plan(params, config, lora=trainable, model=model, caller="jlora.plan_shardings") \
+        if has_adapters else {}
+    out: dict[tuple, Any] = {}
     for path, leaf in flat.items():
         if path[-1] not in LORA_KEYS:
-            out[path] = P(*_entries(specs.get(path), len(leaf.shape)))
-            continue
-        if path[-1] == "lora_b":
-            continue
-        module = path[:-1]
-        kernel_path = next((p for p in ((*module, k) for k in KERNEL_KEYS) if p in shapes), None)
-        if kernel_path is None:
-            raise ValueError(f"lora: no kernel at {key_path_str(module)!r} in params")
-        mpath = module_path(kernel_path, in_vars)
-        a_spec, b_spec = adapter_specs(
-            tuple(shapes[kernel_path].shape), specs.get(kernel_path), tuple(leaf.shape),
-            tuple(flat[(*module, "lora_b")].shape),
-            transposed=config.fan_in_fan_out and kernel_path[-1] == "kernel",
-            fused=config.slices_for(mpath) is not None, mesh=mesh)
-        out[path], out[(*module, "lora_b")] = a_spec, b_spec
+            spec = specs.get(path)
+            out[path] = P(*spec_entries(spec, len(leaf.shape)))
+    for target in plan.values():
+        a_spec, b_spec = target.specs(specs.get(target.key_path), mesh)
+        module = target.key_path[:-1]
+        out[(*module, "lora_a")], out[(*module, "lora_b")] = a_spec, b_spec
     return unflatten(out)
 
 

@@ -48,14 +48,15 @@ class Shardings:
 
 
 def plan_shardings(mesh: Mesh, params: Tree, param_specs: Tree, trainable: Tree, frozen: Tree,
-                   tx: optax.GradientTransformation, config: LoraConfig, batch_spec: Any = P("data")) -> Shardings:
+                   tx: optax.GradientTransformation, config: LoraConfig, batch_spec: Any = P("data"), *,
+                   model: Any = None) -> Shardings:
     """Shardings for a LoRA train step from the base params' PartitionSpecs alone.
 
     ``trainable`` follows :func:`jlora.sharding.derive_specs`, the optimizer state follows
     ``trainable``, ``frozen`` keeps the base specs, the batch uses ``batch_spec`` (a PartitionSpec
     for every batch leaf, or a tree of them).
     """
-    trainable_specs = derive_specs(params, param_specs, trainable, config, mesh=mesh)
+    trainable_specs = derive_specs(params, param_specs, trainable, config, mesh=mesh, model=model)
     specs = flatten(param_specs, "param_specs")
     frozen_specs = unflatten({path: specs.get(path, P()) for path in flatten(frozen, "frozen")})
     return Shardings(trainable=named(mesh, trainable_specs),

@@ -20,8 +20,7 @@ def setup(scan=False, remat=False, targets=ALL_KINDS, r=2):
     model = TinyLM(scan=scan, remat=remat)
     params = init_model(model, ((2, 5), jnp.int32))
     config = jlora.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
-    layouts = jlora.find_layouts(model.apply, params, IDS)
-    lora = jlora.init(jax.random.key(1), params, config, layouts=layouts)
+    lora = jlora.apply(model.apply, config).init(jax.random.key(1), params, IDS)  # axis roles read off the model
     return model, params, config, lora
 
 

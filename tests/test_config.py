@@ -82,12 +82,16 @@ def test_bad_config_values(kwargs, message):
         jlora.LoraConfig(**{"target_modules": ("q",), **kwargs})
 
 
-def test_ambiguous_kernel_asks_for_layouts():
+def test_ambiguous_kernel_asks_for_the_model():
     model = TinyLM()
     params = init_model(model, ((1, 3), jnp.int32))
     config = jlora.LoraConfig(r=2, target_modules=("query",))
-    with pytest.raises(ValueError, match=r"kernel at 'block_0/attn/query' has shape \(8, 2, 4\).*find_layouts"):
+    with pytest.raises(ValueError, match=r"kernel at 'block_0/attn/query' has shape \(8, 2, 4\).*Pass the model.*"
+                                         r"model=module.apply, inputs="):
         jlora.init(jax.random.key(0), params, config)
+    ids = jnp.zeros((1, 3), jnp.int32)  # with the model at hand: no separate call
+    lora = jlora.init(jax.random.key(0), params, config, model=model, inputs=(ids,))
+    assert lora["params"]["block_0"]["attn"]["query"]["lora_b"].shape == (2, 2, 4)
 
 
 def test_layout_that_does_not_fit_the_kernel():

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import jlora
-from jlora.sharding import adapter_specs, derive_specs
+from jlora.sharding import derive_specs
 from jlora.train import make_pmap_train_step, make_train_step, plan_shardings
 from models import MLP, init_model
 
@@ -83,14 +83,24 @@ def test_adapter_specs_follow_the_kernel():
     assert specs["fc2"]["lora_a"] == P("model", None) and specs["fc2"]["lora_b"] == P(None, None)
     assert specs["classifier"]["kernel"] == P(None, None)
     # stacked DenseGeneral kernel (layers, d, heads, head_dim) sharded over heads
-    a, b = adapter_specs((4, 64, 8, 16), P(None, "data", "model"), (4, 64, 2), (4, 2, 8, 16))
+    stacked = target((4, 64, 8, 16), jlora.KernelLayout(stack_dims=1, in_dims=1), rank=2)
+    assert stacked.lora_shapes == ((4, 64, 2), (4, 2, 8, 16))
+    a, b = stacked.specs(P(None, "data", "model"))
     assert a == P(None, "data", None) and b == P(None, None, "model", None)
     # GPT-2 Conv1D kernel stored (out, in) with fused q,v slices; out=96 slices of 32
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    a, b = adapter_specs((96, 32), P("model", "data"), (2, 32, 4), (2, 4, 32), transposed=True, fused=True, mesh=mesh)
+    fused = target((96, 32), jlora.KernelLayout(transposed=True), rank=4, slices=(True, False, True))
+    assert fused.lora_shapes == ((2, 32, 4), (2, 4, 32))
+    a, b = fused.specs(P("model", "data"), mesh)
     assert a == P(None, "data", None) and b == P(None, None, "model")
-    a, b = adapter_specs((96, 32), P("model", None), (2, 32, 4), (2, 4, 6), transposed=True, fused=True, mesh=mesh)
-    assert b == P(None, None, None)  # 6 is not divisible by the 4-way model axis: replicated
+    narrow = target((18, 32), jlora.KernelLayout(transposed=True), rank=4, slices=(True, False, True))
+    a, b = narrow.specs(P("model", None), mesh)
+    assert b == P(None, None, None)  # a slice of 6 is not divisible by the 4-way model axis: replicated
+
+
+def target(shape, layout, rank, slices=None):
+    return jlora.Target(path="m", key_path=("m", "kernel"), kind="dense", layer="test", shape=shape,
+                        dtype="float32", layout=layout, rank=rank, alpha=1.0, scale=1.0, slices=slices)
 
 
 def test_pmap_step_matches_one_device():

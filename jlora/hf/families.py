@@ -3,7 +3,7 @@
 The LoRA paper adapts only the attention query and value projections (W_q, W_v); these defaults
 follow it. GPT-2 fuses q, k, v into one ``c_attn`` Conv1D whose kernel is stored (fan_out, fan_in):
 its default adapts the q and v slices only (loralib's ``MergedLinear(enable_lora=[True, False,
-True])``) and sets ``fan_in_fan_out``.
+True])``); its storage order is derived by the adapter plan (no ``fan_in_fan_out`` needed).
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from typing import Any
 from jlora.config import LoraConfig
 
 DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
-    "gpt2": {"target_modules": ("c_attn",), "fan_in_fan_out": True,
-             "enable_lora": {"c_attn": (True, False, True)}},
+    "gpt2": {"target_modules": ("c_attn",), "enable_lora": {"c_attn": (True, False, True)}},
     "bert": {"target_modules": ("query", "value")},
     "roberta": {"target_modules": ("query", "value")},
     "llama": {"target_modules": ("q_proj", "v_proj")},
