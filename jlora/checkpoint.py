@@ -4,9 +4,20 @@ Each step is an orbax ``CheckpointManager`` step holding two items:
 
 * ``state``: ``{"trainable": ..., "opt_state": ...}`` (``StandardSave``; sharded arrays are
   written by every host in parallel and can be restored onto another mesh);
-* ``meta``: JSON with the :class:`LoraConfig`, the step, user metrics and the *base fingerprint*:
-  a hash of every base leaf's path, shape, dtype and first elements, so that restoring onto a
-  different base model fails with an error instead of silently training a mismatched adapter.
+* ``meta``: JSON with the :class:`LoraConfig`, the step, user metrics, the *base fingerprint*
+  (:func:`base_fingerprint`), a record ``arrays`` of every saved array (key path, shape, dtype,
+  :func:`array_checksum`) and ``meta_sha256``, the sha256 of the canonical JSON of all the rest.
+
+A checkpoint is restored exactly or refused: orbax checksums only its index files, so
+:meth:`AdapterCheckpointer.restore` checks, in order, the meta JSON against its own sha256, the
+orbax bookkeeping files of the step folder (present and well formed), the OCDBT index (manifest
+and b-tree nodes, which carry checksums), then lets orbax read the arrays and compares each one's
+checksum with the saved record. Any failure raises one :class:`CheckpointCorruptError` naming the
+step, the folder and the file or array at fault (orbax's own exception is dropped, ``from None``).
+Changes that cannot alter what is restored pass: one that keeps an orbax bookkeeping file well
+formed (e.g. a timestamp digit in ``_CHECKPOINT_METADATA``), and any to the superseded OCDBT nodes
+orbax leaves in ``state/ocdbt.process_*/`` (nothing reads them; ``state/manifest.ocdbt`` points at
+the live ones).
 
 orbax writes each step to a temporary folder and renames it when complete, so a process killed
 mid-save leaves no checkpoint that ``latest_step`` would pick; ``CheckpointManager`` removes the
@@ -15,28 +26,247 @@ is synchronous, the writes run in the background); ``wait`` blocks until they ar
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
+import sys
+import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from jlora.config import LoraConfig
 from jlora.tree import Tree, flatten, key_path_str
 
-FINGERPRINT_ELEMENTS = 64
+META_FILE = "meta/metadata"
+JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding")  # orbax 0.12's bookkeeping
+COMMIT_FILES = ("commit_success.txt", "state/commit_success.txt", "meta/commit_success.txt")  # + folder named
+COMMIT_TEXT = "Checkpoint commit was successful to "
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint step whose files do not give back exactly what was saved.
+
+    Attributes: ``step``, ``directory`` (the checkpoint folder), ``culprit`` (the file, relative
+    to the step folder, or the array key path at fault), ``other_steps`` (the folder's other steps).
+    """
+
+    def __init__(self, step: int, directory: Any, culprit: str, detail: str, other_steps: list[int]):
+        self.step, self.directory, self.culprit, self.other_steps = step, str(directory), culprit, other_steps
+        hint = (f"other steps in this folder: {other_steps}; pass step= to restore one of them" if other_steps
+                else "no other step in this folder")
+        super().__init__(f"checkpoint step {step} in {directory} is corrupt: {culprit}: {detail} "
+                         f"(restore refused; {hint})")
+
+
+class _Fault(Exception):
+    """A defect found in a step folder: ``args == (culprit, detail)``, culprit a file or an array."""
+
+
+# --------------------------------------------------------------------------- array checksums
+def _fmix32(h: jax.Array) -> jax.Array:
+    """murmur3's finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
+    h = (h ^ (h >> 16)) * np.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 words: one per element, two (trailing axis) for 64-bit dtypes."""
+    dtype = jnp.dtype(x.dtype)
+    if dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return _words(jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1))
+    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).bits
+    if bits >= 32:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {4: jnp.uint4, 8: jnp.uint8, 16: jnp.uint16}[bits]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksum_words(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    words = _words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)  # row-major position (mod 2**32), built without a reshape
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return tuple(jnp.sum(_fmix32(words ^ _fmix32(index + np.uint32(seed))), dtype=jnp.uint32) for seed in _SEEDS)
+
+
+def _hex(sums: tuple[Any, Any]) -> str:
+    return "".join(f"{int(np.asarray(s)):08x}" for s in sums)
+
+
+def _array(x: Any) -> jax.Array:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def array_checksum(x: Any) -> str:
+    """64-bit checksum (16 hex digits) of an array's bits, the same on any mesh and any host count.
+
+    Computed inside jax by one jitted reduction: each element's bits as uint32 words ``w`` at
+    row-major position ``i`` (64-bit dtypes give two words, complex ones real and imaginary parts)
+    are summed as ``sum_i fmix32(w_i ^ fmix32(i + seed)) mod 2**32`` for two seeds (``fmix32``:
+    murmur3's finaliser). Integer sums mod 2**32 do not depend on the reduction order, so a sharded,
+    even not fully addressable, array gives the same replicated scalars as one on a single device.
+    Any change of one element changes both sums; other changes go unnoticed with odds ~2**-64.
+    """
+    return _hex(_checksum_words(_array(x)))
+
+
+def tree_checksums(tree: Any) -> dict[str, dict[str, Any]]:
+    """``{key path: {"shape", "dtype", "checksum"}}`` of every leaf (one device fetch at the end)."""
+    leaves = [(jax.tree_util.keystr(path, simple=True, separator="/"), _array(leaf))
+              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    sums = jax.device_get([_checksum_words(leaf) for _, leaf in leaves])
+    return {path: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "checksum": _hex(s)}
+            for (path, leaf), s in zip(leaves, sums)}
 
 
 def base_fingerprint(params: Tree) -> str:
-    """sha256 of every base leaf's path, shape, dtype and first 64 values (cheap, exact across meshes)."""
-    digest = hashlib.sha256()
-    for path, leaf in sorted(flatten(params).items()):
-        digest.update(f"{key_path_str(path)}|{tuple(leaf.shape)}|{leaf.dtype}|".encode())
-        head = np.asarray(jax.device_get(jax.numpy.ravel(leaf)[:FINGERPRINT_ELEMENTS]))
-        digest.update(head.tobytes())
-    return digest.hexdigest()
+    """sha256 of ``path|[shape]|dtype|array_checksum`` lines of every base leaf, sorted by key path.
+
+    Covers every element of every leaf (one jitted pass each, compiled once per shape, dtype and
+    sharding) and is exact across meshes and hosts, since :func:`array_checksum` is.
+    """
+    records = tree_checksums({key_path_str(path): leaf for path, leaf in flatten(params).items()})
+    lines = "".join(f"{path}|{r['shape']}|{r['dtype']}|{r['checksum']}\n" for path, r in sorted(records.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- step-folder checks
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_text(step_dir: Any, rel: str) -> str:
+    try:
+        return (step_dir / rel).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Fault(rel, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise _Fault(rel, "file missing" if isinstance(e, FileNotFoundError) else f"unreadable ({e})") from None
+
+
+def _read_json(step_dir: Any, rel: str) -> dict[str, Any]:
+    text = _read_text(step_dir, rel)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Fault(rel, f"not valid JSON ({e.msg} at char {e.pos} of {len(text)})") from None
+    if not isinstance(value, dict):
+        raise _Fault(rel, f"not a JSON object ({type(value).__name__})")
+    return value
+
+
+def _read_meta(step_dir: Any) -> dict[str, Any]:
+    meta = _read_json(step_dir, META_FILE)
+    if not {"meta_sha256", "arrays", "processes"} <= set(meta):
+        raise _Fault(META_FILE, "no array checksums or meta_sha256 (not written by this jlora version)")
+    if meta["meta_sha256"] != _meta_digest(meta):
+        raise _Fault(META_FILE, "contents do not match their sha256")
+    return meta
+
+
+def _fault_from(error: BaseException, step_dir: Any, fallback: str) -> _Fault:
+    """A :class:`_Fault` for an orbax/TensorStore exception: the culprit is the step-relative file
+    its chain of causes blames, else the array it was reading, else ``fallback``; the detail is the
+    innermost message's first line, without file paths (never the kB-long TensorStore spec)."""
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    text = "\n".join(map(str, chain))
+    files = [path for path in re.findall(r'local file "([^"]+)"', text) if not path.endswith("/")]
+    array = re.search(r'Error reading "([^"/]+)/', text)
+    culprit = (os.path.relpath(files[0], str(step_dir)) if files
+               else f"array {array.group(1).replace('.', '/')}" if array else fallback)
+    inner = chain[-1]
+    line = next((ln for ln in str(inner).splitlines() if ln.strip()), "")
+    kind = "" if type(inner) in (Exception, ValueError) else f"{type(inner).__name__}: "
+    return _Fault(culprit, kind + re.sub(r'(?: in OCDBT database at| of| at)? local file "[^"]+"', "", line)[:200])
+
+
+def _check_ocdbt(step_dir: Any) -> None:
+    """List the OCDBT index of ``state/``: reads its manifest and every b-tree node (all carry a
+    CRC-32C) in one call, so that a broken index is named as such before orbax opens the arrays."""
+    if not (step_dir / "state" / "manifest.ocdbt").exists():
+        raise _Fault("state/manifest.ocdbt", "file missing")
+    url = str(step_dir / "state")
+    spec = {"driver": "ocdbt", "base": (url if "://" in url else "file://" + os.path.abspath(url)) + "/"}
+    try:
+        keys = ts.KvStore.open(spec, context=ts.Context()).result().list().result()
+    except Exception as e:  # noqa: BLE001 (TensorStore: ValueError with DATA_LOSS, NOT_FOUND, ...)
+        raise _fault_from(e, step_dir, "state/ (OCDBT b-tree)") from None
+    if not keys:
+        raise _Fault("state/manifest.ocdbt", "the OCDBT index lists no arrays")
+
+
+def _check_tree_metadata(step_dir: Any, arrays: dict[str, Any]) -> None:
+    """orbax's array metadata (``state/_METADATA``, ``state/_sharding``, each array's ``.zarray``)
+    reads and describes the arrays of the meta record."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        tree = handler.metadata(step_dir / "state")
+        found = {jax.tree_util.keystr(path, simple=True, separator="/"): [list(m.shape), str(m.dtype)]
+                 for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    except Exception as e:  # noqa: BLE001 (orbax: KeyError, ValueError, TypeError, ...)
+        raise _fault_from(e, step_dir, "state/_METADATA or state/_sharding") from None
+    finally:
+        handler.close()
+    if found != {path: [r["shape"], r["dtype"]] for path, r in arrays.items()}:
+        raise _Fault("state/_METADATA", "describes other arrays than the meta record")
+
+
+def _check_bookkeeping(step_dir: Any, meta: dict[str, Any]) -> None:
+    """orbax's own files: JSON ones (one ``array_metadatas`` file per saving process) parse, commit
+    markers say what orbax writes, the OCDBT index reads, ``_METADATA`` describes the saved arrays."""
+    for rel in (*JSON_FILES, *(f"state/array_metadatas/process_{i}" for i in range(meta["processes"]))):
+        _read_json(step_dir, rel)
+    for rel in COMMIT_FILES:  # "... successful to /path/to/<step>" (or to <step's tmp folder>/<item>)
+        text, folder = _read_text(step_dir, rel), rel.split("/")[0] if "/" in rel else step_dir.name
+        if not (text.startswith(COMMIT_TEXT) and re.search(rf"[/\\]{re.escape(folder)}$", text)):
+            raise _Fault(rel, "not orbax's commit marker")
+    _check_ocdbt(step_dir)
+    _check_tree_metadata(step_dir, meta["arrays"])
+
+
+def _quiet_orbax_leftovers() -> None:
+    """Keep out of ``sys.unraisablehook`` what orbax leaves behind when an array read fails.
+
+    orbax gathers a restore's reads in an event loop of its own and closes it when the first read
+    fails; the reads still in flight then complete into the closed loop (TensorStore reports each
+    "RuntimeError: Event loop is closed" as unraisable) and their coroutines die with kB-long
+    TensorStore specs ("Exception ignored in: <coroutine ... _read_array_index_and_device_put>").
+    The restore has raised its :class:`CheckpointCorruptError` by then; the rest goes on as before.
+    """
+    previous = sys.unraisablehook
+    if os.environ.get("NOHOOK") or getattr(previous, "jlora_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)  # None: no coroutine
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            if "call_soon_threadsafe" in {f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)}:
+                return
+        elif code is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook.jlora_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _abstract(tree: Any, shardings: Any = None) -> Any:
@@ -68,12 +298,14 @@ class AdapterCheckpointer:
 
     def save(self, step: int, trainable: Tree, opt_state: Any, *, metrics: dict[str, Any] | None = None,
              force: bool = True) -> bool:
-        """Save ``step``; returns whether a save was started."""
-        meta = {"step": int(step), "config": self.config.to_dict(), "base_fingerprint": self.fingerprint,
-                "metrics": metrics or {}}
+        """Save ``step`` with the checksum of every array; returns whether a save was started."""
+        state = {"trainable": trainable, "opt_state": opt_state}
+        meta = json.loads(json.dumps({"step": int(step), "config": self.config.to_dict(),
+                                      "base_fingerprint": self.fingerprint, "metrics": metrics or {},
+                                      "processes": jax.process_count(), "arrays": tree_checksums(state)}))
+        meta["meta_sha256"] = _meta_digest(meta)
         return self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(meta)), force=force)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
@@ -83,9 +315,14 @@ class AdapterCheckpointer:
         return list(self.manager.all_steps())
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON record of ``step`` (default: latest)."""
+        """The JSON record of ``step`` (default: latest), checked against its ``meta_sha256``.
+
+        Raises:
+          CheckpointCorruptError: the file is missing, not JSON, or altered.
+        """
         step = self._step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with self._refusing(step):
+            return _read_meta(self._step_dir(step))
 
     def restore(self, trainable_like: Tree, opt_state_like: Any, *, step: int | None = None,
                 shardings: tuple[Any, Any] | None = None) -> tuple[int, Tree, Any]:
@@ -93,10 +330,14 @@ class AdapterCheckpointer:
 
         ``*_like`` give the structure (arrays or ``jax.ShapeDtypeStruct``s); ``shardings`` =
         ``(trainable shardings, opt_state shardings)`` places the result, e.g. on another mesh.
+        Every restored array is compared bit for bit (:func:`array_checksum`) with the saved one.
 
         Raises:
           FileNotFoundError: no complete checkpoint.
-          ValueError: the checkpoint was made for another base model or another LoraConfig.
+          CheckpointCorruptError: a file of the step is missing, truncated or altered; a corrupt
+            latest step is refused too (the message lists the other steps, for ``step=``).
+          ValueError: the checkpoint was made for another base model, another LoraConfig, or holds
+            other arrays than ``*_like``.
         """
         step = self._step(step)
         meta = self.read_meta(step)
@@ -108,13 +349,51 @@ class AdapterCheckpointer:
             raise ValueError(f"checkpoint step {step} was made with {saved}, not with this run's {self.config}")
         target = {"trainable": _abstract(trainable_like, shardings and shardings[0]),
                   "opt_state": _abstract(opt_state_like, shardings and shardings[1])}
-        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        self._check_target(step, meta["arrays"], target)
+        step_dir = self._step_dir(step)
+        with self._refusing(step):
+            _check_bookkeeping(step_dir, meta)
+            _quiet_orbax_leftovers()
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))["state"]
+            except Exception as e:  # noqa: BLE001 (orbax, TensorStore: any of their errors)
+                raise _fault_from(e, step_dir, "state/") from None
+            for path, record in tree_checksums(state).items():
+                if record["checksum"] != meta["arrays"][path]["checksum"]:
+                    raise _Fault(f"array {path}", f"checksum {record['checksum']} != saved "
+                                                  f"{meta['arrays'][path]['checksum']} (data files altered)")
         return step, state["trainable"], state["opt_state"]
 
+    def _check_target(self, step: int, arrays: dict[str, Any], target: Any) -> None:
+        given = {jax.tree_util.keystr(p, simple=True, separator="/"): [list(x.shape), str(x.dtype)]
+                 for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+        saved = {path: [r["shape"], r["dtype"]] for path, r in arrays.items()}
+        diff = sorted(p for p in set(given) | set(saved) if given.get(p) != saved.get(p))[:3]
+        if diff:
+            raise ValueError(f"checkpoint step {step} in {self.manager.directory} holds other arrays than the given "
+                             f"structure: {diff} are {[saved.get(p) for p in diff]} there, "
+                             f"{[given.get(p) for p in diff]} here ([shape, dtype], None: absent)")
+
+    def _step_dir(self, step: int) -> Any:
+        return self.manager.directory / str(step)
+
+    @contextlib.contextmanager
+    def _refusing(self, step: int) -> Iterator[None]:
+        """Turn a :class:`_Fault` found in ``step`` into a :class:`CheckpointCorruptError`."""
+        try:
+            yield
+        except _Fault as fault:
+            others = [s for s in self.all_steps() if s != step]
+            raise CheckpointCorruptError(step, self.manager.directory, *fault.args, others) from None
+
     def _step(self, step: int | None) -> int:
-        step = self.latest_step() if step is None else step
+        step = self.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.manager.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no complete checkpoint step {step} in {self.manager.directory} "
+                                    f"(steps: {self.all_steps()})")
         return step
 
     def wait(self) -> None:
@@ -125,8 +404,9 @@ class AdapterCheckpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def __enter__(self) -> "AdapterCheckpointer":
+    def __enter__(self) -> AdapterCheckpointer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+

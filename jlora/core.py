@@ -87,9 +87,9 @@ def init(rng: jax.Array, params: Tree, config: LoraConfig, *, model: Any = None,
     return unflatten(flat)
 
 
-def _fold(params: Tree, lora: Tree, config: LoraConfig, sign: float, caller: str, model: Any,
+def _fold(params: Tree, lora: Tree, config: LoraConfig, sign: float, caller: str, model: Any, inputs: tuple | None,
           check_finite: bool) -> dict[str, Any]:
-    plan = make_plan(params, config, lora=lora, model=model, caller=caller)
+    plan = make_plan(params, config, lora=lora, model=model, inputs=inputs, caller=caller)
     flat = flatten(params)
     pairs = adapter_modules(lora)
     for target in plan.values():
@@ -114,32 +114,34 @@ def _all_finite(x: jax.Array) -> bool:
         return True
 
 
-def merge(params: Tree, lora: Tree, config: LoraConfig, *, model: Any = None,
+def merge(params: Tree, lora: Tree, config: LoraConfig, *, model: Any = None, inputs: tuple | None = None,
           check_finite: bool = True) -> dict[str, Any]:
     """Fold every adapter into its kernel: ``W <- W + scale * lora_a @ lora_b``.
 
     The sum is formed in float32 and cast back to the kernel's dtype. Leaves of ``lora`` other
     than ``lora_a``/``lora_b`` (trained biases, ``modules_to_save``, as made by :func:`jlora.split`)
     replace their counterparts in ``params``, so the result is the whole fine-tuned model.
-    ``model`` (optional) settles a square 2-D kernel's storage order when the params alone cannot.
+    ``model`` (optional; a linen one with example ``inputs``) settles a square 2-D kernel's storage
+    order: the params alone cannot tell a (d, d) kernel stored (fan_out, fan_in) by a layer such as
+    GPT-2's Conv1D, unless a registered rule recognises the tree (``jlora.hf`` does for GPT-2).
     With ``check_finite`` (eager calls), a NaN/inf result is refused with an error naming the
     module, before anything is returned.
     """
-    merged = flatten(_fold(params, lora, config, +1.0, "jlora.merge", model, check_finite))
+    merged = flatten(_fold(params, lora, config, +1.0, "jlora.merge", model, inputs, check_finite))
     for path, leaf in flatten(lora, "lora").items():
         if path[-1] not in LORA_KEYS:
             merged[path] = leaf
     return unflatten(merged)
 
 
-def unmerge(merged: Tree, lora: Tree, config: LoraConfig, *, model: Any = None,
+def unmerge(merged: Tree, lora: Tree, config: LoraConfig, *, model: Any = None, inputs: tuple | None = None,
             check_finite: bool = True) -> dict[str, Any]:
     """Inverse of :func:`merge` for the kernels: ``W <- W - scale * lora_a @ lora_b``.
 
     Exact up to float rounding of the kernel's dtype. Trained biases and ``modules_to_save``
     stay as they are in ``merged`` (there is no frozen copy to return to).
     """
-    return _fold(merged, lora, config, -1.0, "jlora.unmerge", model, check_finite)
+    return _fold(merged, lora, config, -1.0, "jlora.unmerge", model, inputs, check_finite)
 
 
 def delta(lora_a: jax.Array, lora_b: jax.Array, kernel_shape: tuple[int, ...], *,

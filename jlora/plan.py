@@ -247,14 +247,16 @@ def _layout(mpath: str, key_path: KeyPath, kernel: Any, params: Tree, config: Lo
                              "are adapted")
         return KernelLayout(), "(embedding)"
     if pair is not None:
-        layout = _layout_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]))
+        layout = _layout_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]),
+                                      config.slices_for(mpath))
         if layout is not None and not (kernel.ndim == 2 and kernel.shape[0] == kernel.shape[1]):
             return layout, "(from adapter shapes)"
     if kernel.ndim == 2:
         transposed = config.fan_in_fan_out is True or stored_transposed(params, mpath)
         return KernelLayout(transposed=transposed), "(2-D kernel)"
     if pair is not None:
-        layout = _layout_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]))
+        layout = _layout_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]),
+                                      config.slices_for(mpath))
         if layout is not None:
             return layout, "(from adapter shapes)"
     raise ValueError(
@@ -265,10 +267,16 @@ def _layout(mpath: str, key_path: KeyPath, kernel: Any, params: Tree, config: Lo
         f"layouts={{{mpath!r}: jlora.KernelLayout(stack_dims=..., in_dims=...)}})")
 
 
-def _layout_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple) -> KernelLayout | None:
-    """The layout that makes ``lora_a (*stack, *in, r)`` and ``lora_b (*stack, r, *out)`` fit the kernel."""
-    n_stack = len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
-    n_in = len(a_shape) - 1 - n_stack
+def _layout_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple,
+                         slices: tuple[bool, ...] | None = None) -> KernelLayout | None:
+    """The layout that makes ``lora_a (*stack, *in, r)`` and ``lora_b (*stack, r, *out)`` fit the kernel
+    (fused: ``lora_a (*stack, n_on, in, r)``, ``lora_b (*stack, n_on, r, out / len(slices))``)."""
+    if slices is not None:
+        n_stack, n_in = len(kernel_shape) - 2, 1
+        extra = (sum(slices),)
+    else:
+        n_stack = len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
+        n_in, extra = len(a_shape) - 1 - n_stack, ()
     if n_stack < 0 or n_in < 1:
         return None
     for layout in (KernelLayout(n_stack, n_in), KernelLayout(n_stack, 1, True)):
@@ -276,7 +284,12 @@ def _layout_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple) ->
             stack, fan_in, fan_out = layout.split(tuple(kernel_shape), "")
         except ValueError:
             continue
-        if (*stack, *fan_in) == tuple(a_shape[:-1]) and tuple(b_shape[n_stack + 1:]) == fan_out:
+        if slices is not None:
+            if fan_out[0] % len(slices):
+                continue
+            fan_out = (fan_out[0] // len(slices),)
+        if (*stack, *extra, *fan_in) == tuple(a_shape[:-1]) and \
+                tuple(b_shape) == (*stack, *extra, a_shape[-1], *fan_out):
             return layout
     return None
 

@@ -81,7 +81,7 @@ def test_gpt2_default_adapts_only_q_and_v_slices():
     case = CASES["gpt2"]
     model = case.model()
     config = jlora.hf.default_config(model, r=4)
-    assert config.fan_in_fan_out and config.slices_for("transformer/h/0/attn/c_attn") == (True, False, True)
+    assert config.fan_in_fan_out is None and config.slices_for("transformer/h/0/attn/c_attn") == (True, False, True)
     lora = jlora.init(jax.random.key(0), model.params, config)
     pair = lora["transformer"]["h"]["0"]["attn"]["c_attn"]
     assert pair["lora_a"].shape == (2, 32, 4) and pair["lora_b"].shape == (2, 4, 32)
@@ -93,14 +93,23 @@ def test_gpt2_default_adapts_only_q_and_v_slices():
     assert not jnp.any(change[32:64])  # W_k untouched
 
 
-def test_fan_in_fan_out_mismatch_is_an_error():
+@pytest.mark.parametrize("with_model", [False, True])
+def test_a_peft_users_gpt2_config_just_works(with_model):
+    """PEFT's plain config on Conv1D layers (c_attn fused, c_proj square): no fan_in_fan_out needed."""
     case = CASES["gpt2"]
     model = case.model()
-    config = jlora.LoraConfig(r=2, target_modules=("c_proj",))
-    lora = jlora.init(jax.random.key(0), model.params, config)
-    with pytest.raises(ValueError, match=r"fan_in_fan_out=False but the layer at 'transformer/h/0/attn/c_proj' "
-                                         r"\(FlaxConv1D\) stores its kernel as \(fan_out, fan_in\)"):
-        jlora.apply(model, config)(model.params, lora, **case.inputs())
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=("c_attn", "c_proj"))
+    lora = jlora.init(jax.random.key(0), model.params, config, model=model if with_model else None)
+    assert lora["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_a"].shape == (32, 4)   # fan_in of (96, 32)
+    assert lora["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_b"].shape == (4, 96)
+    plan = jlora.make_plan(model.params, config, model=model if with_model else None)
+    assert plan["transformer/h/0/attn/c_proj"].layout.transposed  # square (32, 32): storage order derived
+    assert plan["transformer/h/0/attn/c_proj"].layer == ("FlaxConv1D" if with_model else "(2-D kernel)")
+    lora = jax.tree_util.tree_map(lambda x: x + 0.05, lora)
+    inputs = case.inputs()
+    adapted = jlora.apply(model, config)(model.params, lora, **inputs).logits
+    merged = model(**inputs, params=jlora.merge(model.params, lora, config)).logits
+    np.testing.assert_allclose(adapted, merged, rtol=1e-5, atol=1e-5)
 
 
 def test_paper_settings_trainable_counts():

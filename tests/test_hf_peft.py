@@ -71,7 +71,7 @@ def test_load_peft_made_by_peft(name, targets, tmp_path):
     inputs = case.inputs()
     expected = torch_logits(peft_model.eval(), inputs)
     lora, config = jlora.hf.load_peft(tmp_path / "adapter", model)
-    assert config.r == 4 and config.lora_alpha == 16 and config.fan_in_fan_out == (name == "gpt2")
+    assert config.r == 4 and config.lora_alpha == 16 and config.fan_in_fan_out is None  # storage order derived
     adapted = np.asarray(jlora.apply(model, config)(model.params, lora, **inputs).logits)
     np.testing.assert_allclose(adapted, expected, rtol=1e-4, atol=1e-5)
     assert np.abs(adapted - np.asarray(model(**inputs).logits)).max() > 1e-3
@@ -132,8 +132,8 @@ def test_saving_adapters_for_the_wrong_model_writes_nothing(tmp_path):
     llama = CASES["llama"].model()
     config = jlora.hf.default_config(llama, r=4)
     lora = trained_lora(llama, config)
-    with pytest.raises(ValueError, match=r"'model/layers/0/self_attn/q_proj' is not a complete adapter for a "
-                                         r"layer of this FlaxGPT2LMHeadModel"):
+    with pytest.raises(ValueError, match=r"no kernel or embedding at 'model/layers/0/self_attn/q_proj' in params; the "
+                                         r"adapter tree does not belong to these params"):
         jlora.hf.save_peft(tmp_path / "adapter", CASES["gpt2"].model(), lora, config)
     assert os.listdir(tmp_path) == []  # no partial folder left behind
 

@@ -49,6 +49,13 @@ def _rotary_with_theta(theta: float):
 class FlaxLlamaForCausalLMFixed(FlaxLlamaForCausalLM):
     """``FlaxLlamaForCausalLM`` honouring ``config.rope_theta`` and ``config.tie_word_embeddings``."""
 
+    def init_weights(self, rng: Any, input_shape: tuple, params: Any = None) -> Any:
+        """As the parent's, without an ``lm_head`` when tied (the head is the embedding, as in PyTorch)."""
+        out = super().init_weights(rng, input_shape, params)
+        if self.config.tie_word_embeddings and params is None and "lm_head" in out:
+            out = {k: v for k, v in out.items() if k != "lm_head"}
+        return out
+
     def __call__(self, *args: Any, params: dict | None = None, **kwargs: Any) -> Any:
         params = self.params if params is None else params
         if self.config.tie_word_embeddings:

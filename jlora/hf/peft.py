@@ -263,8 +263,8 @@ def _check_tied_heads(where: Path, model: Any, plan: Any, pairs: dict, heads: di
                              "a module of its own (its head is tied to the input embedding); jlora adapts a tied "
                              "weight as one weight: put the adapter on the embedding")
         _, pair = twin
-        if set(head) != set(LORA_KEYS) or not (np.allclose(head["lora_a"], pair["lora_b"].T) and
-                                                np.allclose(head["lora_b"], pair["lora_a"].T)):
+        if set(head) != set(LORA_KEYS) or not (np.allclose(head["lora_a"], pair["lora_b"]) and
+                                                np.allclose(head["lora_b"], pair["lora_a"])):
             raise ValueError(f"{where}: the adapter on the tied head {head_name!r} differs from its embedding's "
                              "(lora_A must be lora_embedding_B.T and lora_B lora_embedding_A.T); a tied weight is "
                              "one weight in jlora and cannot carry two different adapters")
