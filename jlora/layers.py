@@ -137,8 +137,12 @@ class LoraDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
-        if self.r <= 0:
-            raise ValueError(f"LoraDense.r: expected a positive rank, got {self.r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraDense.r: expected a positive integer rank, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraDense.lora_dropout: expected a rate in [0, 1), got {self.lora_dropout!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"LoraDense.lora_alpha: expected a number > 0, got {self.lora_alpha!r}")
         fan_in = jnp.shape(inputs)[-1]
         if self.r > min(fan_in, self.features):
             raise ValueError(f"LoraDense.r: rank {self.r} exceeds min(fan_in, features) = "

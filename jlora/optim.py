@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora.config import LoraConfig
+from jlora.config import LoraConfig, check_config
 from jlora.tree import (LORA_KEYS, KeyPath, Tree, combine, flatten, is_variables_dict, module_path,
                         unflatten)
 
@@ -45,6 +45,7 @@ def _is_trainable(path: KeyPath, in_vars: bool, config: LoraConfig) -> bool:
 
 def labels(tree: Tree, config: LoraConfig) -> dict[str, Any]:
     """``"trainable"``/``"frozen"`` for every leaf of ``tree`` (params, lora or their combination)."""
+    check_config(config, "jlora.labels")
     in_vars = is_variables_dict(tree)
     return unflatten({path: TRAINABLE if _is_trainable(path, in_vars, config) else FROZEN
                       for path in flatten(tree)})
@@ -52,6 +53,7 @@ def labels(tree: Tree, config: LoraConfig) -> dict[str, Any]:
 
 def optimizer(tx: optax.GradientTransformation, config: LoraConfig) -> optax.GradientTransformation:
     """``optax.multi_transform``: ``tx`` on trainable leaves, ``optax.set_to_zero()`` on frozen ones."""
+    check_config(config, "jlora.optimizer")
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()},
                                  lambda tree: labels(tree, config))
 
@@ -64,6 +66,7 @@ def split(params: Tree, lora: Tree, config: LoraConfig) -> tuple[dict[str, Any],
     usable); ``frozen`` holds the rest of ``params``. ``combine(frozen, trainable)``
     rebuilds the whole tree, and ``jlora.apply(fn, config)(frozen, trainable, ...)`` runs the model.
     """
+    check_config(config, "jlora.split")
     in_vars = is_variables_dict(params)
     trainable, frozen = {}, {}
     for path, leaf in flatten(combine(params, lora)).items():

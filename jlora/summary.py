@@ -7,9 +7,9 @@ import math
 import jax
 import numpy as np
 
-from jlora.config import LoraConfig
+from jlora.config import LoraConfig, check_config
 from jlora.optim import split
-from jlora.tree import LORA_KEYS, Tree, flatten
+from jlora.tree import COLLECTION, LORA_KEYS, Tree, flatten, is_variables_dict
 
 
 def _size(tree: Tree) -> tuple[int, int]:
@@ -21,7 +21,7 @@ def _size(tree: Tree) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class LoraCount:
-    """Counts for a base model with adapters.
+    """Counts for a base model with adapters (the ``params`` collection only: no ``batch_stats``).
 
     Attributes:
       base: parameters of the base model (frozen and trainable base leaves).
@@ -38,18 +38,27 @@ class LoraCount:
     base_bytes: int
 
     @property
+    def total(self) -> int:
+        """All parameters of the adapted model: the base plus the adapters (PEFT's "all params")."""
+        return self.base + self.adapter
+
+    @property
     def trainable_fraction(self) -> float:
-        """``trainable / base``."""
-        return self.trainable / self.base if self.base else 0.0
+        """``trainable / total``, as PEFT's ``print_trainable_parameters`` computes it."""
+        return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || base params: {self.base:,} || "
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
                 f"trainable%: {100 * self.trainable_fraction:.4f} || adapter checkpoint: "
                 f"{self.checkpoint_bytes / 2**20:.3f} MiB vs full {self.base_bytes / 2**20:.3f} MiB")
 
 
 def count(params: Tree, lora: Tree, config: LoraConfig) -> LoraCount:
-    """Count base, adapter and trainable parameters and checkpoint bytes."""
+    """Count base, adapter and trainable parameters and checkpoint bytes (``params`` collection only)."""
+    check_config(config, "jlora.count")
+    if is_variables_dict(params):
+        params = {COLLECTION: params[COLLECTION]}
+        lora = {COLLECTION: lora[COLLECTION]} if is_variables_dict(lora) else lora
     trainable, _ = split(params, lora, config)
     n_base, base_bytes = _size(params)
     n_adapter, _ = _size({k: v for k, v in flatten(lora, "lora").items() if k[-1] in LORA_KEYS})

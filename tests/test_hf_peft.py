@@ -150,3 +150,16 @@ def test_export_refuses_an_existing_folder_and_leaves_it_intact(tmp_path):
     jlora.hf.export_merged(tmp_path / "out", model, model.params, lora, config, overwrite=True)
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_that_changed_the_base_are_refused(init, tmp_path):
+    case = CASES["llama"]
+    model = case.model()
+    base = torch_base(case, model, tmp_path / "base")
+    peft_model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                     init_lora_weights=init))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' made this adapter together with a changed "
+                                         r"base model"):
+        jlora.hf.load_peft(tmp_path / "adapter", model)
