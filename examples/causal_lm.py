@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.data import shakespeare_text
+from jlora.app.data import shakespeare_text
 from jlora.hf.llama import load_gguf_llama, read_gguf_tokenizer
 
 PROMPT = "HAMLET.\nTo be, or not to be,"

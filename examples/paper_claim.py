@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from jlora.finetune import FinetuneOptions, finetune
+from jlora.app.finetune import FinetuneOptions, finetune
 
 
 def run(name: str, out: Path, **settings) -> dict:

@@ -9,7 +9,8 @@ import numpy as np
 
 from jlora.config import LoraConfig, check_config
 from jlora.optim import split
-from jlora.tree import COLLECTION, LORA_KEYS, Tree, flatten, is_variables_dict
+from jlora.plan import make_plan
+from jlora.tree import COLLECTION, Tree, is_variables_dict
 
 
 def _size(tree: Tree) -> tuple[int, int]:
@@ -59,9 +60,10 @@ def count(params: Tree, lora: Tree, config: LoraConfig) -> LoraCount:
     if is_variables_dict(params):
         params = {COLLECTION: params[COLLECTION]}
         lora = {COLLECTION: lora[COLLECTION]} if is_variables_dict(lora) else lora
+    plan = make_plan(params, config, lora=lora, caller="jlora.count")  # every adapter checked against its kernel
     trainable, _ = split(params, lora, config)
     n_base, base_bytes = _size(params)
-    n_adapter, _ = _size({k: v for k, v in flatten(lora, "lora").items() if k[-1] in LORA_KEYS})
+    n_adapter = sum(target.n_params for target in plan.values())
     n_trainable, trainable_bytes = _size(trainable)
     return LoraCount(base=n_base, adapter=n_adapter, trainable=n_trainable,
                      checkpoint_bytes=trainable_bytes, base_bytes=base_bytes)

@@ -12,8 +12,8 @@ import pytest
 import transformers as tf
 
 import jlora
-from jlora.data import load_csv
-from jlora.finetune import model_dir
+from jlora.app.data import load_csv
+from jlora.app.finetune import model_dir
 from jlora.hf.export import atomic_dir
 from jlora.hf.names import to_torch_state
 
@@ -36,7 +36,7 @@ def tiny_model(tmp_path_factory):
 
 
 def jlora_cli(*args, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "jlora.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "jlora.app.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -78,7 +78,7 @@ def test_ctrl_c_saves_and_resume_continues_the_same_losses(tiny_model, tmp_path)
     straight = jlora_cli("finetune", "--out", tmp_path / "straight", *flags)
     assert straight.returncode == 0, straight.stderr[-3000:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", "finetune", "--out", str(tmp_path / "cut"),
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.app.cli", "finetune", "--out", str(tmp_path / "cut"),
                              *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:

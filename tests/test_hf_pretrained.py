@@ -96,7 +96,7 @@ def test_lora_on_smollm2_then_export_loads_in_pytorch(smollm2, tmp_path):
 
 
 def test_gguf_tokenizer_matches_transformers_reading_of_the_same_file(smollm2_torch, tmp_path):
-    from jlora.data import shakespeare_text
+    from jlora.app.data import shakespeare_text
     from jlora.hf.llama import read_gguf_tokenizer
 
     ours = read_gguf_tokenizer(jlora.hf.smollm2_gguf_path())

@@ -26,8 +26,8 @@ import optax
 
 from jlora.checkpoint import AdapterCheckpointer
 from jlora.config import LoraConfig
-from jlora.data import TextDataset, load_dataset
-from jlora.report import plot_metrics, read_metrics, write_metrics
+from jlora.app.data import TextDataset, load_dataset
+from jlora.app.report import plot_metrics, read_metrics, write_metrics
 
 MODES = ("lora", "head", "full")
 DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 1e-4}

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jlora.finetune import MODES, FinetuneOptions
+from jlora.app.finetune import MODES, FinetuneOptions
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from jlora.finetune import finetune
+    from jlora.app.finetune import finetune
     options = FinetuneOptions(
         model=args.model, data=args.data, out=args.out, mode=args.mode, rank=args.rank, alpha=args.alpha,
         targets=tuple(t for t in args.targets.split(",") if t) if args.targets else None, lr=args.lr,
@@ -54,8 +54,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     import transformers
-    from jlora.data import load_dataset
-    from jlora.finetune import encode, make_evaluator
+    from jlora.app.data import load_dataset
+    from jlora.app.finetune import encode, make_evaluator
 
     transformers.logging.set_verbosity_error()
     dataset = load_dataset(args.data)
@@ -73,7 +73,7 @@ def _run_export(args: argparse.Namespace) -> int:
     import transformers
     from jlora.checkpoint import AdapterCheckpointer
     from jlora.config import LoraConfig
-    from jlora.finetune import FinetuneOptions, build, make_optimizer, model_dir
+    from jlora.app.finetune import FinetuneOptions, build, make_optimizer, model_dir
     from jlora.hf.export import export_merged
     from jlora.hf.peft import save_peft
 
