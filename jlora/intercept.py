@@ -43,9 +43,9 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
 class _Interceptor:
     """Adds the LoRA path to adapted layers (and tied heads); records which adapters were used."""
 
-    def __init__(self, plan: AdapterPlan, params: Tree, lora: Tree, dropout_rng: str):
+    def __init__(self, plan: AdapterPlan, combined: Tree, lora: Tree, dropout_rng: str):
         self.plan, self.dropout_rng = plan, dropout_rng
-        self.param_keys = set(flatten(params))
+        self.param_keys = set(flatten(combined))  # what the model is given: frozen and trained leaves
         self.prefix = (COLLECTION,) if plan.in_variables else ()
         pairs = adapter_modules(lora)
         self.embeddings = {t.path: (t, pairs[t.key_path[:-1]]) for t in plan.values() if t.kind == "embed"}
@@ -160,9 +160,10 @@ class LoraApply:
 
     def __call__(self, params: Tree, lora: Tree, *args: Any, **kwargs: Any) -> Any:
         plan = make_plan(params, self.config, lora=lora, caller="jlora.apply")
-        interceptor = _Interceptor(plan, params, lora, self.dropout_rng)
+        combined = combine(params, lora)
+        interceptor = _Interceptor(plan, combined, lora, self.dropout_rng)
         with nn.intercept_methods(interceptor):
-            out = self.fn(combine(params, lora), *args, **kwargs)
+            out = self.fn(combined, *args, **kwargs)
         if not self.allow_unused:
             unused = sorted(set(plan) - interceptor.used)
             if unused:

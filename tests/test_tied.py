@@ -80,3 +80,18 @@ def test_a_head_adapter_that_is_not_the_embeddings_twin_is_refused(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"adapter on the tied head 'lm_head' differs from its embedding's"):
         jlora.hf.load_peft(tmp_path / "adapter", model)
+
+
+def test_an_untied_head_is_not_mistaken_for_a_tied_one():
+    """Untied Llama, adapter on embed_tokens, lm_head trained in full (modules_to_save): the head's
+    kernel has the table's transposed shape but is a weight of its own; only the lookup is adapted."""
+    model = CASES["llama"].model()
+    assert not model.config.tie_word_embeddings
+    config = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=("embed_tokens",), modules_to_save=("lm_head",))
+    lora = jax.tree_util.tree_map(lambda x: x + 0.2, jlora.init(jax.random.key(0), model.params, config))
+    trainable, frozen = jlora.split(model.params, lora, config)
+    assert jlora.make_plan(model.params, config, model=model)["model/embed_tokens"].tied_heads == ()
+    inputs = CASES["llama"].inputs()
+    ours = jlora.apply(model, config)(frozen, trainable, **inputs).logits
+    merged = model(**inputs, params=jlora.merge(model.params, trainable, config)).logits
+    np.testing.assert_allclose(ours, merged, rtol=1e-5, atol=1e-5)
