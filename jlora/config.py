@@ -9,7 +9,8 @@ The names and meanings follow PEFT's ``LoraConfig`` so that a PEFT user's settin
   from the root of the params tree to the dict holding ``kernel`` (or ``embedding``), with a
   leading ``params`` collection left out, e.g. ``"encoder/layer/0/attention/self/query"``.
   A sequence of names matches a module whose path *ends with* one of them, whole components
-  only (``"query"`` or ``"self/query"`` match the path above, ``"uery"`` does not); a single
+  only (``"query"`` or ``"self/query"`` match the path above, ``"uery"`` does not; PEFT's dotted
+  ``"self.query"`` is read as ``"self/query"``); a single
   string is a regular expression that must match the whole path (``re.fullmatch``).
 * ``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end of
   the module path, whole components only (PEFT's rule, with "/" for ".").
@@ -252,8 +253,9 @@ def check_config(config: Any, caller: str) -> None:
 
 
 def path_ends_with(module_path: str, name: str) -> bool:
-    """``name`` (one or more "/"-separated components) is the tail of ``module_path``."""
-    name = name.strip("/")
+    """``name`` (one or more "/"-separated components; PEFT's "." separators are read as "/") is the
+    tail of ``module_path``."""
+    name = name.replace(".", "/").strip("/")
     return module_path == name or module_path.endswith("/" + name)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from jlora.config import LoraConfig, check_config
+from jlora.plan import make_plan
 from jlora.tree import (LORA_KEYS, KeyPath, Tree, combine, flatten, is_variables_dict, module_path,
                         unflatten)
 
@@ -67,6 +68,8 @@ def split(params: Tree, lora: Tree, config: LoraConfig) -> tuple[dict[str, Any],
     rebuilds the whole tree, and ``jlora.apply(fn, config)(frozen, trainable, ...)`` runs the model.
     """
     check_config(config, "jlora.split")
+    if any(path[-1] in LORA_KEYS for path in flatten(lora, "lora")):
+        make_plan(params, config, lora=lora, caller="jlora.split")  # each adapter checked against its kernel
     in_vars = is_variables_dict(params)
     trainable, frozen = {}, {}
     for path, leaf in flatten(combine(params, lora)).items():

@@ -175,10 +175,11 @@ class AdapterPlan(Mapping):
     def __str__(self) -> str:
         rows = [("module", "layer", "kernel", "in/out", "r", "scale", "lora_a", "lora_b")]
         for t in self.targets.values():
-            stack, fan_in, fan_out = t.axes
-            roles = f"{'stack' + str(stack) + ' ' if stack else ''}{fan_in}->{fan_out}" + \
-                    (" (stored out,in)" if t.layout.transposed else "") + (f" slices {t.slices}" if t.slices else "") + \
-                    (f" tied to {', '.join(repr(h) for h in t.tied_heads)}" if t.tied_heads else "")
+            stack, fan_in, fan_out = t.layout.split(t.shape, t.path)
+            heads = ", ".join(repr(h) if h else "the head called at the model's root" for h in t.tied_heads)
+            roles = f"{'scan' + str(stack) + ' ' if stack else ''}{fan_in}->{fan_out}" + \
+                    (" (stored out,in)" if t.layout.transposed else "") + \
+                    (f" fused slices {t.slices}" if t.slices else "") + (f" tied to {heads}" if t.tied_heads else "")
             rows.append((t.path, t.layer, str(t.shape), roles, str(t.rank), f"{t.scale:g}", *map(str, t.lora_shapes)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -202,6 +203,7 @@ def make_plan(params: Tree, config: LoraConfig, *, model: Any = None, inputs: tu
     facts, heads = discover(model, params, inputs) if model is not None else ({}, {})
     if lora is not None:
         chosen = _adapted_modules(params, lora, by_module, in_vars, caller)
+        _check_adapters_match_config(config, by_module, chosen, caller)
     else:
         chosen = {m: p for m, p in by_module.items() if config.is_target(m)}
         _check_targets(config, params, by_module, chosen, in_vars)
@@ -320,10 +322,27 @@ def _adapted_modules(params: Tree, lora: Tree, by_module: Mapping[str, KeyPath],
                            if module_path((*module_key, k), in_vars) in by_module
                            and by_module[module_path((*module_key, k), in_vars)] == (*module_key, k)), None)
         if kernel_key is None:
+            hint = ""
+            if not in_vars and module_key[0] == COLLECTION:
+                hint = (" lora has a top-level 'params' collection but params does not: pass the variables dict "
+                        "({'params': params}) or lora['params'].")
             raise ValueError(f"lora: no kernel or embedding at {key_path_str(module_key)!r} in params; the adapter "
-                             f"tree does not belong to these params (kernels at: {preview(sorted(by_module))})")
+                             f"tree does not belong to these params (kernels at: {preview(sorted(by_module))}).{hint}")
         chosen[module_path(kernel_key, in_vars)] = kernel_key
     return chosen
+
+
+def _check_adapters_match_config(config: LoraConfig, by_module: Mapping[str, KeyPath], chosen: Mapping[str, KeyPath],
+                                 caller: str) -> None:
+    """Every adapter is a target of ``config`` and every target has an adapter (else: which, by name)."""
+    extra = sorted(m for m in chosen if not config.is_target(m))
+    if extra:
+        raise ValueError(f"{caller}: lora holds adapters at {extra}, which config.target_modules "
+                         f"({config.target_modules!r}) does not select: was lora made with another LoraConfig?")
+    missing = sorted(m for m in by_module if config.is_target(m) and m not in chosen)
+    if missing:
+        raise ValueError(f"{caller}: config.target_modules selects {preview(missing)} but lora holds no adapter there: "
+                         "make the adapters with jlora.init(rng, params, config) for this config")
 
 
 def _check_targets(config: LoraConfig, params: Tree, by_module: Mapping[str, KeyPath],
@@ -336,8 +355,10 @@ def _check_targets(config: LoraConfig, params: Tree, by_module: Mapping[str, Key
     else:
         for name in config.target_modules:
             if not any(path_ends_with(m, name) for m in by_module):
+                example = next(iter(sorted(by_module)), "")
                 raise ValueError(f"LoraConfig.target_modules: {name!r} matches no module holding a kernel; "
-                                 f"module names seen: {preview(seen)}")
+                                 f"module names seen: {preview(seen)} (a name matches the end of a '/'-joined "
+                                 f"module path such as {example!r})")
     all_modules = {module_path(p, in_vars) for p in flatten(params) if not in_vars or p[0] == COLLECTION}
     for name in config.modules_to_save:
         if not any(in_module(m, name) for m in all_modules):

@@ -130,3 +130,28 @@ def test_count_is_peft_trainable_percent_over_params_only():
     assert counts.total == n_params + counts.adapter
     assert counts.trainable_fraction == counts.trainable / (n_params + counts.adapter)
     assert "all params: " in str(counts)
+
+
+def test_adapters_and_config_must_agree_on_the_targets():
+    params, config, lora = setup()
+    only_fc1 = {"params": {"fc1": lora["params"]["fc1"]}}
+    with pytest.raises(ValueError, match=r"jlora.apply: config.target_modules selects \['fc2'\] .* but lora holds no "
+                                         r"adapter there"):
+        jlora.apply(MLP().apply, config)(params, only_fc1, X)
+    narrow = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=("fc1",))
+    with pytest.raises(ValueError, match=r"jlora.merge: lora holds adapters at \['fc2'\], which "
+                                         r"config.target_modules \(\('fc1',\)\) does not select"):
+        jlora.merge(params, lora, narrow)
+    with pytest.raises(ValueError, match=r"jlora.split: params is a linen variables dict .* Wrap it as"):
+        jlora.split(params, lora["params"], config)
+    with pytest.raises(ValueError, match=r"lora has a top-level 'params' collection but params does not"):
+        jlora.merge(params["params"], lora, config)
+
+
+def test_peft_dotted_target_names_are_read_as_paths():
+    params, _, _ = setup()
+    config = jlora.LoraConfig(r=2, target_modules=("params.fc1",))
+    assert set(jlora.init(jax.random.key(0), {"params": params}, config)["params"]["params"]) == {"fc1"}
+    with pytest.raises(ValueError, match=r"'nope' matches no module .*a name matches the end of a '/'-joined module "
+                                         r"path such as 'classifier'"):
+        jlora.init(jax.random.key(0), params, jlora.LoraConfig(r=2, target_modules=("nope",)))

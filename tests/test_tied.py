@@ -95,3 +95,17 @@ def test_an_untied_head_is_not_mistaken_for_a_tied_one():
     ours = jlora.apply(model, config)(frozen, trainable, **inputs).logits
     merged = model(**inputs, params=jlora.merge(model.params, trainable, config)).logits
     np.testing.assert_allclose(ours, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_adapter_on_the_lookup_only_of_a_tied_embedding_is_refused(tmp_path):
+    """PEFT without ensure_weight_tying adapts only GPT-2's token lookup: jlora cannot express that
+    with one tied weight, so it refuses instead of computing other logits (383 off, measured)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    model = CASES["gpt2"].model()
+    base = torch_base(CASES["gpt2"], model, tmp_path / "base")
+    peft_model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "wte"],
+                                                     init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"the adapter on 'transformer.wte' adapts an embedding that this "
+                                         r"FlaxGPT2LMHeadModel's head reads too .* no adapter on the head \['lm_head'\]"):
+        jlora.hf.load_peft(tmp_path / "adapter", model)

@@ -249,12 +249,25 @@ def load_peft(in_dir: str | os.PathLike, model: Any) -> tuple[dict[str, Any], Lo
         pair = pairs[mpath]
         raise ValueError(f"{where}: wrong shapes for {torch_module(mpath)!r}: lora_A {pair['lora_a'].T.shape}, "
                          f"lora_B {pair['lora_b'].T.shape} ({err})") from None
-    _check_tied_heads(where, model, plan, pairs, heads)
+    _check_tied_heads(where, model, plan, pairs, heads, bool(peft_config.get("ensure_weight_tying", False)))
     return lora, config
 
 
-def _check_tied_heads(where: Path, model: Any, plan: Any, pairs: dict, heads: dict) -> None:
-    """A head adapter the Flax model has no params for must be the tied twin of an embedding adapter."""
+def _check_tied_heads(where: Path, model: Any, plan: Any, pairs: dict, heads: dict, tying: bool) -> None:
+    """A head adapter the Flax model has no params for must be the tied twin of an embedding adapter,
+    and an adapter on a tied embedding must come with that twin (PEFT without ``ensure_weight_tying``
+    adapts only the lookup, which a tied weight in jlora cannot express)."""
+    for target in plan.values():
+        if target.kind == "embed" and target.tied_heads:
+            names = {tied_head_name(model, h) for h in target.tied_heads}
+            if not names & set(heads) and not tying:
+                raise ValueError(
+                    f"{where}: the adapter on {target.torch_name!r} adapts an embedding that this "
+                    f"{type(model).__name__}'s head reads too (tie_word_embeddings), but the folder has no adapter on "
+                    f"the head {sorted(names)}: PEFT applied it to the token lookup only. jlora adapts a tied weight "
+                    "as one weight (lookup and head, as merge does), so these logits would differ from PEFT's. "
+                    "Train it in PEFT with ensure_weight_tying=True (which adapts both), or load it onto an "
+                    "untied copy of the model (tie_word_embeddings=False, the head's weight copied from the table)")
     for head_name, head in heads.items():
         twin = next(((t, pairs[t.path]) for t in plan.values() if t.kind == "embed"
                      and any(tied_head_name(model, h) == head_name for h in t.tied_heads)), None)
