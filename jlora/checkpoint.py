@@ -1,23 +1,18 @@
 """Adapter checkpoints with orbax: trainable tree + optimizer state + step + config, never the base.
 
-Each step is an orbax ``CheckpointManager`` step holding two items:
+Each step is an orbax ``CheckpointManager`` step holding two items: ``state``, ``{"trainable": ...,
+"opt_state": ...}`` (``StandardSave``; sharded arrays are written by every host in parallel and can
+be restored onto another mesh), and ``meta``, JSON with the :class:`LoraConfig`, the step, user
+metrics, the :func:`base_fingerprint`, the record ``arrays`` of every saved array (key path, shape,
+dtype, :func:`array_checksum`), the number of saving processes, and ``meta_sha256`` over the rest.
 
-* ``state``: ``{"trainable": ..., "opt_state": ...}`` (``StandardSave``; sharded arrays are
-  written by every host in parallel and can be restored onto another mesh);
-* ``meta``: JSON with the :class:`LoraConfig`, the step, user metrics, the *base fingerprint*
-  (:func:`base_fingerprint`), a record ``arrays`` of every saved array (key path, shape, dtype,
-  :func:`array_checksum`) and ``meta_sha256``, the sha256 of the canonical JSON of all the rest.
-
-A checkpoint is restored exactly or refused: orbax checksums only its index files, so
-:meth:`AdapterCheckpointer.restore` checks, in order, the meta JSON against its own sha256, the
-orbax bookkeeping files of the step folder (present and well formed), the OCDBT index (manifest
-and b-tree nodes, which carry checksums), then lets orbax read the arrays and compares each one's
-checksum with the saved record. Any failure raises one :class:`CheckpointCorruptError` naming the
-step, the folder and the file or array at fault (orbax's own exception is dropped, ``from None``).
-Changes that cannot alter what is restored pass: one that keeps an orbax bookkeeping file well
-formed (e.g. a timestamp digit in ``_CHECKPOINT_METADATA``), and any to the superseded OCDBT nodes
-orbax leaves in ``state/ocdbt.process_*/`` (nothing reads them; ``state/manifest.ocdbt`` points at
-the live ones).
+A checkpoint is restored exactly or refused (orbax checksums only its index files): ``restore``
+checks the meta JSON against its sha256, then orbax's bookkeeping files and OCDBT index, lets
+orbax read the arrays, and compares each one's checksum with the record. Any failure is one
+:class:`CheckpointCorruptError` naming the step, the folder and the file or array at fault.
+Changes that cannot alter what is restored pass: one that leaves a bookkeeping file well formed
+(a timestamp digit in ``_CHECKPOINT_METADATA``), and any to the OCDBT nodes that orbax's merge
+leaves superseded in ``state/ocdbt.process_*/`` (``state/manifest.ocdbt`` points at the live ones).
 
 orbax writes each step to a temporary folder and renames it when complete, so a process killed
 mid-save leaves no checkpoint that ``latest_step`` would pick; ``CheckpointManager`` removes the
@@ -29,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -53,11 +49,9 @@ _SEEDS = (0x9E3779B9, 0x7F4A7C15)
 
 
 class CheckpointCorruptError(ValueError):
-    """A checkpoint step whose files do not give back exactly what was saved.
-
-    Attributes: ``step``, ``directory`` (the checkpoint folder), ``culprit`` (the file, relative
-    to the step folder, or the array key path at fault), ``other_steps`` (the folder's other steps).
-    """
+    """A checkpoint step whose files do not give back exactly what was saved: ``step``, ``directory``
+    (the checkpoint folder), ``culprit`` (the file, relative to the step folder, or the array key
+    path at fault), ``other_steps`` (the folder's other steps, to restore one with ``step=``)."""
 
     def __init__(self, step: int, directory: Any, culprit: str, detail: str, other_steps: list[int]):
         self.step, self.directory, self.culprit, self.other_steps = step, str(directory), culprit, other_steps
@@ -71,7 +65,6 @@ class _Fault(Exception):
     """A defect found in a step folder: ``args == (culprit, detail)``, culprit a file or an array."""
 
 
-# --------------------------------------------------------------------------- array checksums
 def _fmix32(h: jax.Array) -> jax.Array:
     """murmur3's finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
     h = (h ^ (h >> 16)) * np.uint32(0x85EBCA6B)
@@ -81,7 +74,7 @@ def _fmix32(h: jax.Array) -> jax.Array:
 
 def _words(x: jax.Array) -> jax.Array:
     """The bits of ``x`` as uint32 words: one per element, two (trailing axis) for 64-bit dtypes."""
-    dtype = jnp.dtype(x.dtype)
+    dtype = x.dtype
     if dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     if jnp.issubdtype(dtype, jnp.complexfloating):
@@ -120,18 +113,28 @@ def array_checksum(x: Any) -> str:
     are summed as ``sum_i fmix32(w_i ^ fmix32(i + seed)) mod 2**32`` for two seeds (``fmix32``:
     murmur3's finaliser). Integer sums mod 2**32 do not depend on the reduction order, so a sharded,
     even not fully addressable, array gives the same replicated scalars as one on a single device.
-    Any change of one element changes both sums; other changes go unnoticed with odds ~2**-64.
+    A change of one element changes both sums; random damage goes unnoticed with odds ~2**-64.
     """
     return _hex(_checksum_words(_array(x)))
 
 
+def _shapes(tree: Any) -> dict[str, dict[str, Any]]:
+    """``{"a/b/0/c": {"shape", "dtype"}}`` of every leaf: arrays, ``ShapeDtypeStruct``s, orbax metadata."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {jax.tree_util.keystr(p, simple=True, separator="/"): {"shape": list(x.shape), "dtype": str(x.dtype)}
+           for p, x in flat}
+    if len(out) == len(flat):
+        return out
+    raise ValueError("two leaves have the same '/'-joined key path: rename the key that holds a '/'")
+
+
 def tree_checksums(tree: Any) -> dict[str, dict[str, Any]]:
     """``{key path: {"shape", "dtype", "checksum"}}`` of every leaf (one device fetch at the end)."""
-    leaves = [(jax.tree_util.keystr(path, simple=True, separator="/"), _array(leaf))
-              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    sums = jax.device_get([_checksum_words(leaf) for _, leaf in leaves])
-    return {path: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "checksum": _hex(s)}
-            for (path, leaf), s in zip(leaves, sums)}
+    records = _shapes(tree)
+    sums = jax.device_get([_checksum_words(_array(leaf)) for leaf in jax.tree_util.tree_leaves(tree)])
+    for record, s in zip(records.values(), sums):
+        record["checksum"] = _hex(s)
+    return records
 
 
 def base_fingerprint(params: Tree) -> str:
@@ -145,7 +148,6 @@ def base_fingerprint(params: Tree) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-# --------------------------------------------------------------------------- step-folder checks
 def _meta_digest(meta: dict[str, Any]) -> str:
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -171,15 +173,6 @@ def _read_json(step_dir: Any, rel: str) -> dict[str, Any]:
     return value
 
 
-def _read_meta(step_dir: Any) -> dict[str, Any]:
-    meta = _read_json(step_dir, META_FILE)
-    if not {"meta_sha256", "arrays", "processes"} <= set(meta):
-        raise _Fault(META_FILE, "no array checksums or meta_sha256 (not written by this jlora version)")
-    if meta["meta_sha256"] != _meta_digest(meta):
-        raise _Fault(META_FILE, "contents do not match their sha256")
-    return meta
-
-
 def _fault_from(error: BaseException, step_dir: Any, fallback: str) -> _Fault:
     """A :class:`_Fault` for an orbax/TensorStore exception: the culprit is the step-relative file
     its chain of causes blames, else the array it was reading, else ``fallback``; the detail is the
@@ -193,80 +186,78 @@ def _fault_from(error: BaseException, step_dir: Any, fallback: str) -> _Fault:
     array = re.search(r'Error reading "([^"/]+)/', text)
     culprit = (os.path.relpath(files[0], str(step_dir)) if files
                else f"array {array.group(1).replace('.', '/')}" if array else fallback)
-    inner = chain[-1]
-    line = next((ln for ln in str(inner).splitlines() if ln.strip()), "")
-    kind = "" if type(inner) in (Exception, ValueError) else f"{type(inner).__name__}: "
+    line = next((ln for ln in str(chain[-1]).splitlines() if ln.strip()), "")
+    kind = "" if type(chain[-1]) in (Exception, ValueError) else f"{type(chain[-1]).__name__}: "
     return _Fault(culprit, kind + re.sub(r'(?: in OCDBT database at| of| at)? local file "[^"]+"', "", line)[:200])
 
 
-def _check_ocdbt(step_dir: Any) -> None:
-    """List the OCDBT index of ``state/``: reads its manifest and every b-tree node (all carry a
-    CRC-32C) in one call, so that a broken index is named as such before orbax opens the arrays."""
-    if not (step_dir / "state" / "manifest.ocdbt").exists():
-        raise _Fault("state/manifest.ocdbt", "file missing")
-    url = str(step_dir / "state")
-    spec = {"driver": "ocdbt", "base": (url if "://" in url else "file://" + os.path.abspath(url)) + "/"}
-    try:
-        keys = ts.KvStore.open(spec, context=ts.Context()).result().list().result()
-    except Exception as e:  # noqa: BLE001 (TensorStore: ValueError with DATA_LOSS, NOT_FOUND, ...)
-        raise _fault_from(e, step_dir, "state/ (OCDBT b-tree)") from None
-    if not keys:
-        raise _Fault("state/manifest.ocdbt", "the OCDBT index lists no arrays")
+_READS: list[Any] = []  # step folders whose reads orbax began and did not end well, in this process
 
 
-def _check_tree_metadata(step_dir: Any, arrays: dict[str, Any]) -> None:
-    """orbax's array metadata (``state/_METADATA``, ``state/_sharding``, each array's ``.zarray``)
-    reads and describes the arrays of the meta record."""
-    handler = ocp.StandardCheckpointHandler()
-    try:
-        tree = handler.metadata(step_dir / "state")
-        found = {jax.tree_util.keystr(path, simple=True, separator="/"): [list(m.shape), str(m.dtype)]
-                 for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    except Exception as e:  # noqa: BLE001 (orbax: KeyError, ValueError, TypeError, ...)
-        raise _fault_from(e, step_dir, "state/_METADATA or state/_sharding") from None
-    finally:
-        handler.close()
-    if found != {path: [r["shape"], r["dtype"]] for path, r in arrays.items()}:
-        raise _Fault("state/_METADATA", "describes other arrays than the meta record")
+def _orbax_leftover(error: BaseException | None, tb: Any) -> bool:
+    """An exception from the reads a failed orbax restore left in flight: raised in orbax's code or
+    naming a step folder of :data:`_READS` (TensorStore's), or TensorStore's closed-loop callback."""
+    frames = [(f.f_code.co_name, f.f_code.co_filename) for f, _ in traceback.walk_tb(tb)]
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return any(name == "call_soon_threadsafe" for name, _ in frames)
+    return (any(f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in file for _, file in frames)
+            or any(str(folder) in str(error) for folder in _READS))
+
+
+def _quiet_log(record: logging.LogRecord) -> bool:
+    error = record.exc_info or (None, None, None)
+    return not (_READS and "never retrieved" in str(record.msg) and _orbax_leftover(*error[1:]))
+
+
+def _quiet_orbax_leftovers() -> None:
+    """Once a restore's reads began, keep orbax's leftovers off stderr (everything else passes).
+
+    orbax gathers a restore's reads in an event loop of its own and closes it when the first read
+    fails; the reads still in flight then complete into the closed loop, each reported through
+    ``sys.unraisablehook`` ("RuntimeError: Event loop is closed" from TensorStore's callbacks,
+    "Exception ignored in: <coroutine ... _read_array_index_and_device_put>" with a kB-long
+    TensorStore spec) or the ``asyncio`` logger ("[_Gathering]Future exception was never retrieved").
+    The restore has raised its one :class:`CheckpointCorruptError` by then.
+    """
+    logging.getLogger("asyncio").addFilter(_quiet_log)  # added once however often called
+    previous = sys.unraisablehook
+    if getattr(previous, "jlora_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not (_READS and _orbax_leftover(unraisable.exc_value, unraisable.exc_traceback)):
+            previous(unraisable)
+
+    hook.jlora_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _check_bookkeeping(step_dir: Any, meta: dict[str, Any]) -> None:
-    """orbax's own files: JSON ones (one ``array_metadatas`` file per saving process) parse, commit
-    markers say what orbax writes, the OCDBT index reads, ``_METADATA`` describes the saved arrays."""
+    """orbax's own files, before orbax reads the arrays: the JSON ones (one ``array_metadatas`` per
+    saving process) parse; the commit markers say what orbax writes; the OCDBT index of ``state/``
+    lists (reading its manifest and every b-tree node, each with a CRC-32C); orbax's metadata
+    (``_METADATA``, ``_sharding``, each array's ``.zarray``) reads and describes the saved arrays."""
     for rel in (*JSON_FILES, *(f"state/array_metadatas/process_{i}" for i in range(meta["processes"]))):
         _read_json(step_dir, rel)
     for rel in COMMIT_FILES:  # "... successful to /path/to/<step>" (or to <step's tmp folder>/<item>)
         text, folder = _read_text(step_dir, rel), rel.split("/")[0] if "/" in rel else step_dir.name
         if not (text.startswith(COMMIT_TEXT) and re.search(rf"[/\\]{re.escape(folder)}$", text)):
             raise _Fault(rel, "not orbax's commit marker")
-    _check_ocdbt(step_dir)
-    _check_tree_metadata(step_dir, meta["arrays"])
-
-
-def _quiet_orbax_leftovers() -> None:
-    """Keep out of ``sys.unraisablehook`` what orbax leaves behind when an array read fails.
-
-    orbax gathers a restore's reads in an event loop of its own and closes it when the first read
-    fails; the reads still in flight then complete into the closed loop (TensorStore reports each
-    "RuntimeError: Event loop is closed" as unraisable) and their coroutines die with kB-long
-    TensorStore specs ("Exception ignored in: <coroutine ... _read_array_index_and_device_put>").
-    The restore has raised its :class:`CheckpointCorruptError` by then; the rest goes on as before.
-    """
-    previous = sys.unraisablehook
-    if os.environ.get("NOHOOK") or getattr(previous, "jlora_filter", False):
-        return
-
-    def hook(unraisable: Any) -> None:
-        error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)  # None: no coroutine
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            if "call_soon_threadsafe" in {f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)}:
-                return
-        elif code is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename:
-            return
-        previous(unraisable)
-
-    hook.jlora_filter = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
+    if not (step_dir / "state" / "manifest.ocdbt").exists():
+        raise _Fault("state/manifest.ocdbt", "file missing")
+    url = str(step_dir / "state")
+    spec = {"driver": "ocdbt", "base": (url if "://" in url else "file://" + os.path.abspath(url)) + "/"}
+    handler, culprit = ocp.StandardCheckpointHandler(), "state/ (OCDBT b-tree)"
+    try:
+        ts.KvStore.open(spec, context=ts.Context()).result().list().result()
+        culprit = "state/_METADATA or state/_sharding"
+        found = _shapes(handler.metadata(step_dir / "state"))
+    except Exception as e:  # noqa: BLE001 (TensorStore's ValueError: DATA_LOSS, ...; orbax's KeyError, ...)
+        raise _fault_from(e, step_dir, culprit) from None
+    finally:
+        handler.close()
+    if found != {path: {k: r[k] for k in ("shape", "dtype")} for path, r in meta["arrays"].items()}:
+        raise _Fault("state/_METADATA", "describes other arrays than the meta record")
 
 
 def _abstract(tree: Any, shardings: Any = None) -> Any:
@@ -315,14 +306,16 @@ class AdapterCheckpointer:
         return list(self.manager.all_steps())
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON record of ``step`` (default: latest), checked against its ``meta_sha256``.
-
-        Raises:
-          CheckpointCorruptError: the file is missing, not JSON, or altered.
-        """
+        """The JSON record of ``step`` (default: latest); :class:`CheckpointCorruptError` if the file
+        is missing, not JSON, or does not match its ``meta_sha256``."""
         step = self._step(step)
         with self._refusing(step):
-            return _read_meta(self._step_dir(step))
+            meta = _read_json(self.manager.directory / str(step), META_FILE)
+            if not {"meta_sha256", "arrays", "processes"} <= set(meta):
+                raise _Fault(META_FILE, "no array checksums or meta_sha256 (not written by this jlora version)")
+            if meta["meta_sha256"] != _meta_digest(meta):
+                raise _Fault(META_FILE, "contents do not match their sha256")
+        return meta
 
     def restore(self, trainable_like: Tree, opt_state_like: Any, *, step: int | None = None,
                 shardings: tuple[Any, Any] | None = None) -> tuple[int, Tree, Any]:
@@ -350,15 +343,17 @@ class AdapterCheckpointer:
         target = {"trainable": _abstract(trainable_like, shardings and shardings[0]),
                   "opt_state": _abstract(opt_state_like, shardings and shardings[1])}
         self._check_target(step, meta["arrays"], target)
-        step_dir = self._step_dir(step)
+        step_dir = self.manager.directory / str(step)
         with self._refusing(step):
-            _check_bookkeeping(step_dir, meta)
             _quiet_orbax_leftovers()
+            _READS.append(step_dir)
+            _check_bookkeeping(step_dir, meta)
             try:
                 state = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target)))["state"]
             except Exception as e:  # noqa: BLE001 (orbax, TensorStore: any of their errors)
                 raise _fault_from(e, step_dir, "state/") from None
+            _READS.remove(step_dir)
             for path, record in tree_checksums(state).items():
                 if record["checksum"] != meta["arrays"][path]["checksum"]:
                     raise _Fault(f"array {path}", f"checksum {record['checksum']} != saved "
@@ -366,17 +361,12 @@ class AdapterCheckpointer:
         return step, state["trainable"], state["opt_state"]
 
     def _check_target(self, step: int, arrays: dict[str, Any], target: Any) -> None:
-        given = {jax.tree_util.keystr(p, simple=True, separator="/"): [list(x.shape), str(x.dtype)]
-                 for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+        given = {path: [r["shape"], r["dtype"]] for path, r in _shapes(target).items()}
         saved = {path: [r["shape"], r["dtype"]] for path, r in arrays.items()}
-        diff = sorted(p for p in set(given) | set(saved) if given.get(p) != saved.get(p))[:3]
-        if diff:
+        if diff := sorted(p for p in set(given) | set(saved) if given.get(p) != saved.get(p))[:3]:
             raise ValueError(f"checkpoint step {step} in {self.manager.directory} holds other arrays than the given "
                              f"structure: {diff} are {[saved.get(p) for p in diff]} there, "
                              f"{[given.get(p) for p in diff]} here ([shape, dtype], None: absent)")
-
-    def _step_dir(self, step: int) -> Any:
-        return self.manager.directory / str(step)
 
     @contextlib.contextmanager
     def _refusing(self, step: int) -> Iterator[None]:
