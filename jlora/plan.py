@@ -248,19 +248,16 @@ def _layout(mpath: str, key_path: KeyPath, kernel: Any, params: Tree, config: Lo
             raise ValueError(f"embedding at {mpath!r} has shape {tuple(kernel.shape)}; only (vocab, dim) tables "
                              "are adapted")
         return KernelLayout(), "(embedding)"
+    transposed = config.fan_in_fan_out is True or stored_transposed(params, mpath)
     if pair is not None:
-        layout = _layout_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]),
-                                      config.slices_for(mpath))
-        if layout is not None and not (kernel.ndim == 2 and kernel.shape[0] == kernel.shape[1]):
-            return layout, "(from adapter shapes)"
+        fits = _layouts_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]),
+                                     config.slices_for(mpath))
+        if len(fits) == 1:
+            return fits[0], "(from adapter shapes)"
+        if fits:  # a square kernel: both storage orders fit the adapter; the rules decide
+            return dataclasses.replace(fits[0], transposed=transposed), "(square kernel)"
     if kernel.ndim == 2:
-        transposed = config.fan_in_fan_out is True or stored_transposed(params, mpath)
         return KernelLayout(transposed=transposed), "(2-D kernel)"
-    if pair is not None:
-        layout = _layout_from_adapter(kernel.shape, np.shape(pair["lora_a"]), np.shape(pair["lora_b"]),
-                                      config.slices_for(mpath))
-        if layout is not None:
-            return layout, "(from adapter shapes)"
     raise ValueError(
         f"kernel at {mpath!r} has shape {tuple(kernel.shape)}: with more than two axes it may be a DenseGeneral "
         "kernel or a stack of scanned layers, and the shape alone cannot tell. Pass the model so jlora can read "
@@ -269,9 +266,9 @@ def _layout(mpath: str, key_path: KeyPath, kernel: Any, params: Tree, config: Lo
         f"layouts={{{mpath!r}: jlora.KernelLayout(stack_dims=..., in_dims=...)}})")
 
 
-def _layout_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple,
-                         slices: tuple[bool, ...] | None = None) -> KernelLayout | None:
-    """The layout that makes ``lora_a (*stack, *in, r)`` and ``lora_b (*stack, r, *out)`` fit the kernel
+def _layouts_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple,
+                         slices: tuple[bool, ...] | None = None) -> list[KernelLayout]:
+    """The layouts that make ``lora_a (*stack, *in, r)`` and ``lora_b (*stack, r, *out)`` fit the kernel
     (fused: ``lora_a (*stack, n_on, in, r)``, ``lora_b (*stack, n_on, r, out / len(slices))``)."""
     if slices is not None:
         n_stack, n_in = len(kernel_shape) - 2, 1
@@ -279,8 +276,9 @@ def _layout_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple,
     else:
         n_stack = len(a_shape) + len(b_shape) - 2 - len(kernel_shape)
         n_in, extra = len(a_shape) - 1 - n_stack, ()
+    fits: list[KernelLayout] = []
     if n_stack < 0 or n_in < 1:
-        return None
+        return fits
     for layout in (KernelLayout(n_stack, n_in), KernelLayout(n_stack, 1, True)):
         try:
             stack, fan_in, fan_out = layout.split(tuple(kernel_shape), "")
@@ -292,8 +290,8 @@ def _layout_from_adapter(kernel_shape: tuple, a_shape: tuple, b_shape: tuple,
             fan_out = (fan_out[0] // len(slices),)
         if (*stack, *extra, *fan_in) == tuple(a_shape[:-1]) and \
                 tuple(b_shape) == (*stack, *extra, a_shape[-1], *fan_out):
-            return layout
-    return None
+            fits.append(layout)
+    return fits
 
 
 def _check_rank(target: Target, config: LoraConfig) -> None:
