@@ -62,7 +62,7 @@ class Run:
 
 
 LIBRARY = ("The library", "import jax, optax, jlora")
-HF = ("Hugging Face models", "import transformers, jlora")
+HF = ("Hugging Face models", "import jax, transformers, jlora")
 PODS = ("Pods: meshes, multi-host, checkpoints", "import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora")
 
 BLOCKS: dict[tuple[str, str], Run] = {
@@ -119,10 +119,7 @@ SKIPPED: dict[tuple[str, str], str] = {}
 # Blocks that do not run as written today because of the README text itself (a section this file
 # does not own): key -> (text the failure must contain, reason). Strict: once the block runs, the
 # test fails until its entry is removed here.
-KNOWN_BROKEN: dict[tuple[str, str], tuple[str, str]] = {
-    HF: ("NameError: name 'jax' is not defined",
-         "the Hugging Face block calls jax.random.key but imports only transformers and jlora"),
-}
+KNOWN_BROKEN: dict[tuple[str, str], tuple[str, str]] = {}
 
 BLOCK_LIST = python_blocks(README.read_text())
 
