@@ -12,7 +12,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # no torch or peft: no CPU build of torch 2.13.0 exists for Python 3.12 on the registry, only a
 # CUDA build of GBs. There, tests that need them are skipped with the reason, never errors:
 # a module that imports them at the top is skipped whole, and the tests below that need torch only
-# in a subprocess are skipped by name. With torch installed (the pinned set) nothing changes.
+# in a subprocess are skipped by name, and a test that imports them inside is skipped when it does.
+# With torch and peft installed (the pinned set) nothing changes.
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,3 +49,13 @@ def pytest_collection_modifyitems(config, items):
         for prefix, why in NEEDS_TORCH.items():
             if node.startswith(prefix):
                 item.add_marker(pytest.mark.skip(reason=f"torch is not installed: {why}"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    try:
+        return (yield)
+    except ModuleNotFoundError as error:
+        if error.name in OPTIONAL and importlib.util.find_spec(error.name) is None:
+            pytest.skip(f"{pyfuncitem.name} imports {error.name}, which is not installed")
+        raise
