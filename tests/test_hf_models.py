@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 import jlora
 from hf_cases import CASES
@@ -53,6 +52,7 @@ def test_identity_at_init(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_train_merge_export_load_in_torch(name, tmp_path):
+    torch = pytest.importorskip("torch")
     case = CASES[name]
     model = case.model()
     config = jlora.hf.default_config(model, r=4, lora_alpha=8)
