@@ -1,6 +1,7 @@
 """jlora vs PEFT (PyTorch) and vs full fine-tuning, on the same workload.
 
-    python benchmarks/compare_peft.py [--workload W1|W2|tiny|llama-1b|llama-tiny] [--steps 10] [--threads 2]
+    python benchmarks/compare_peft.py [--workload W1|W2|tiny|llama-1b|llama-tiny] [--rounds 7] [--steps 3]
+                                      [--wait-quiet SECONDS] [--loss fused|plain] [--threads 2]
                                       [--device cpu|gpu] [--dtype float32|bfloat16] [--out DIR]
 
 W1: GPT-2 config, 4 layers, d=256, 4 heads, vocab 50257, batch 8x128, LoRA r=8 on c_attn (PEFT's
@@ -22,9 +23,24 @@ process; the llama ones run torch, then JAX, each in a child process of its own 
 each; no torch/JAX CUDA-library or allocator interplay). On CPU, ``--workload llama-tiny [--dtype
 bfloat16]`` runs the same code path. Reports, side by side:
 
-* train-step time: median of ``--steps`` steps after warm-up (compile / first-call time apart),
-  for jlora LoRA, jlora full, PEFT LoRA, PyTorch full; ratios jlora-LoRA/PEFT-LoRA and
-  jlora-LoRA/jlora-full;
+* the machine: CPU model name and number, the flags that decide matmul speed (AVX2, AVX-512,
+  AVX-512 BF16, AMX), cores, torch's and XLA's threads, library versions, ``/proc/loadavg`` before
+  and after (machine.py);
+* train-step time, GPT-2 workloads: the four steps (jlora LoRA, PEFT LoRA, jlora full, PyTorch
+  full) and one large fp32 matmul in XLA and in torch (``--matmul-n``, the practical FLOP/s limit
+  of the box) are compiled and warmed up, then timed in alternation in this one process:
+  ``--rounds`` rounds, each running ``--steps`` steps of every one in turn, the order rotated each
+  round (timing.alternate). Ratios (jlora-LoRA/PEFT-LoRA, jlora-LoRA/jlora-full, ...) are taken per
+  round and reported as median and min–max over the rounds, never as ratios of medians measured
+  apart. Each round also records how many cores other processes took (/proc/stat), and the ratios
+  are repeated over the "quiet" rounds (other processes < ``--quiet-below`` cores): on a shared
+  2-core box contention does not slow both sides alike (PEFT's 2-thread OpenMP loops slowed 4-5x
+  when another process took one core, XLA's steps ~1.8x), so alternation alone does not make a
+  contended round fair. ``--wait-quiet S`` waits up to S seconds before each round for a quiet
+  machine. Step FLOPs (torch's FlopCounterMode matmul count plus the attention matmuls, the same
+  for both frameworks; XLA's cost analysis beside it) over the step time, as a share of the
+  matmul probe's FLOP/s in the same framework and round. Llama workloads: median of ``--steps``
+  steps after warm-up, each side in its own process (not alternated);
 * XLA's compiled memory analysis of the jlora LoRA and full steps, beside the theoretical
   parameter + gradient + Adam-moment bytes and (GPT-2 workloads) the no-recomputation floor of
   memory_theory.py: state + the activations a backward pass reads;
@@ -34,7 +50,7 @@ bfloat16]`` runs the same code path. Reports, side by side:
 * with ``--rss``, the peak RSS of each variant run alone in a child process of its own (RSS is per
   process, so it cannot be told apart inside the one timing process).
 
-The table is printed and written to ``<out>/compare_peft_<workload>.json``.
+The table is printed and written to ``<out>/compare_peft_<workload>.json`` (``..._plain.json`` with ``--loss plain``).
 """
 from __future__ import annotations
 
@@ -47,7 +63,10 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPU: JAX's peak memory, not 75% of it
 import jax  # noqa: E402
 
-from gpt2_workload import RANK, gpt2_config, measure_jax, measure_torch  # noqa: E402
+from gpt2_workload import (RANK, build_jax, gpt2_config, jax_inference, measure_jax, measure_torch,  # noqa: E402
+                           prepare_jax, prepare_torch)
+from machine import CpuLoad, loadavg, machine_info, machine_line, matmul_probes, wait_quiet  # noqa: E402
+from timing import alternate, paired, round_medians  # noqa: E402
 from memory_theory import floor, live_bytes, state_bytes  # noqa: E402
 from llama_workload import (LLAMA_INFERENCE_SHAPES, LLAMA_WORKLOADS, measure_jax_llama,  # noqa: E402
                             measure_torch_llama, mfu, model_flops_per_step, peak_flops)
@@ -148,16 +167,20 @@ def mfu_rows(jax_result: dict, torch_result: dict, device_kind: str, dtype: str)
 
 
 def table(workload: str, jax_result: dict, torch_result: dict, where: str, rss: dict | None = None,
-          target: str = "c_attn", extra: list[str] | None = None, spec: dict | None = None) -> str:
+          target: str = "c_attn", extra: list[str] | None = None, spec: dict | None = None,
+          alternation: dict | None = None, machine: dict | None = None) -> str:
     j_lora, j_full = jax_result["jlora_lora"], jax_result["jlora_full"]
     p_lora, t_full = torch_result["peft_lora"], torch_result["torch_full"]
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     theory = state_bytes(jax_result["bytes"]["params"], jax_result["bytes"]["trainable"])
-    lines = [f"workload {workload}: {spec or WORKLOADS[workload]}, r={RANK} on {target}, {where}, "
+    lines = [*([machine_line(machine["info"]), f"load (/proc/loadavg) before: {machine['loadavg_before']}; "
+                f"after: {machine['loadavg_after']}"] if machine else []),
+             f"workload {workload}: {spec or WORKLOADS[workload]}, r={RANK} on {target}, {where}, "
              f"jax {jax.__version__}",
              "| train step | jlora LoRA | jlora full | PEFT LoRA | torch full |", "| --- | --- | --- | --- | --- |",
-             f"| median step (s) | {j_lora['step_s']:.3f} | {j_full['step_s']:.3f} | {p_lora['step_s']:.3f} | "
-             f"{t_full['step_s']:.3f} |",
+             f"| median step (s){', alternated' if alternation else ''} | {j_lora['step_s']:.3f} | "
+             f"{j_full['step_s']:.3f} | {p_lora['step_s']:.3f} | {t_full['step_s']:.3f} |",
+             *(alternation_rows(jax_result, torch_result, alternation) if alternation else []),
              f"| compile / first step (s) | {j_lora['compile_s']:.1f} | {j_full['compile_s']:.1f} | "
              f"{p_lora['first_step_s']:.2f} | {t_full['first_step_s']:.2f} |",
              f"| XLA live bytes (MiB) | {mib(live_bytes(j_lora['memory']))} | "
@@ -166,12 +189,14 @@ def table(workload: str, jax_result: dict, torch_result: dict, where: str, rss: 
              f"| theoretical params+grads+adam (MiB) | {mib(theory['lora'])} | {mib(theory['full'])} | | |",
              *(extra or []),
              "",
-             f"ratios: jlora-LoRA / PEFT-LoRA = {j_lora['step_s'] / p_lora['step_s']:.2f}; "
-             f"jlora-LoRA / jlora-full = {j_lora['step_s'] / j_full['step_s']:.2f}; "
-             f"PEFT-LoRA / torch-full = {p_lora['step_s'] / t_full['step_s']:.2f}",
-             "", "| inference (jit forward, s) | base | merged | unmerged LoRA | merged / base | unmerged / base |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for shape, r in jax_result["inference"].items():
+             *(alternation_lines(alternation) if alternation else [
+                 f"ratios: jlora-LoRA / PEFT-LoRA = {j_lora['step_s'] / p_lora['step_s']:.2f}; "
+                 f"jlora-LoRA / jlora-full = {j_lora['step_s'] / j_full['step_s']:.2f}; "
+                 f"PEFT-LoRA / torch-full = {p_lora['step_s'] / t_full['step_s']:.2f} (ratios of medians measured "
+                 "one variant after the other, not alternated)"]),
+             *(["", "| inference (jit forward, s) | base | merged | unmerged LoRA | merged / base | unmerged / base |",
+                "| --- | --- | --- | --- | --- | --- |"] if jax_result.get("inference") else [])]
+    for shape, r in jax_result.get("inference", {}).items():
         lines.append(f"| {shape} | {r['base_s']:.4f} | {r['merged_s']:.4f} | {r['unmerged_s']:.4f} | "
                      f"{r['merged_over_base']:.3f} | {r['unmerged_over_base']:.3f} |")
     if rss:
@@ -206,6 +231,7 @@ def run_part(args: argparse.Namespace, spec: dict) -> None:
         result = measure_torch_llama(spec, args.steps, "cuda" if gpu else "cpu", args.dtype,
                                      threads=None if gpu else args.threads)
         result["device_kind"] = torch.cuda.get_device_name(0) if gpu else "cpu"
+    result["machine"] = machine_info()  # this child's own thread settings
     print(PART_MARK + json.dumps(result))
 
 
@@ -232,6 +258,138 @@ def run_llama(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, str, li
     return jax_result, torch_result, where, mfu_rows(jax_result, torch_result, device_kind, args.dtype)
 
 
+ALTERNATION_ORDER = ("jlora_lora", "peft_lora", "jlora_full", "torch_full", "xla_matmul", "torch_matmul")
+RATIOS = (("jlora_lora", "peft_lora"), ("jlora_lora", "jlora_full"), ("peft_lora", "torch_full"),
+          ("jlora_full", "torch_full"), ("xla_matmul", "torch_matmul"))
+
+
+def spread(r: dict, fmt: str = ".2f") -> str:
+    return f"{r['median']:{fmt}} ({r['min']:{fmt}}–{r['max']:{fmt}})"
+
+
+def summary(values: list[float]) -> dict:
+    import statistics
+    return {"per_round": values, "median": statistics.median(values), "min": min(values), "max": max(values),
+            "rounds": len(values)}
+
+
+def run_gpt2(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, dict, list[str]]:
+    """The GPT-2 workloads: inference timing, then the four train steps and the two matmul probes
+    compiled / warmed up and timed in alternation in this process (:func:`timing.alternate`)."""
+    hf_config = gpt2_config(spec, args.vocab)
+    built = build_jax(hf_config, spec, args.loss, args.loss_chunk)
+    jax_result: dict = {"bytes": built["bytes"]}
+    shapes = INFERENCE_SHAPES[args.workload]
+    if shapes and not args.no_inference:
+        jax_result["inference"] = jax_inference(built, shapes, args.rounds)
+    prepared = {**prepare_jax(built), **prepare_torch(hf_config, spec, args.threads)}
+    probes, mm_flops = matmul_probes(args.matmul_n, args.threads)
+    runs = {name: prepared[name][0] for name in VARIANTS}
+    runs.update(probes)
+    runs = {name: runs[name] for name in ALTERNATION_ORDER}
+    wait = (lambda: wait_quiet(args.quiet_below, args.wait_quiet)) if args.wait_quiet > 0 else None
+    alt = alternate(runs, args.rounds, args.steps, sample_load=CpuLoad().sample, before_round=wait)
+    torch_result: dict = {}
+    mm = {name: [mm_flops / t for t in round_medians(alt, name)] for name in probes}
+    for name in VARIANTS:
+        info = prepared[name][1]
+        per_round = round_medians(alt, name)
+        r = {**info, "first_step_s": alt["first_s"][name], "step_s": summary(per_round)["median"],
+             "round_s": per_round, "step_s_min": min(per_round), "step_s_max": max(per_round)}
+        (jax_result if name.startswith("jlora") else torch_result)[name] = r
+    # one FLOP count per step kind for both frameworks: torch's matmul count (+ attention); XLA's beside it
+    flops = {"jlora_lora": torch_result["peft_lora"]["matmul_flops"], "jlora_full": torch_result["torch_full"]["matmul_flops"]}
+    flops.update(peft_lora=flops["jlora_lora"], torch_full=flops["jlora_full"])
+    for name in VARIANTS:
+        r = jax_result.get(name) or torch_result[name]
+        probe = mm["xla_matmul" if name.startswith("jlora") else "torch_matmul"]
+        r["step_flops"] = flops[name]
+        r["flop_per_s"] = summary([flops[name] / t for t in r["round_s"]])
+        r["of_matmul"] = summary([flops[name] / t / p for t, p in zip(r["round_s"], probe)])
+    alternation = {"rounds": args.rounds, "steps_per_round": args.steps, "order_first_round": list(runs),
+                   "times_s": alt["rounds"], "order": alt["order"], "load": alt["load"], "waited": alt["before"],
+                   "ratios": {f"{a}/{b}": paired(alt, a, b) for a, b in RATIOS},
+                   "matmul": {"n": args.matmul_n, "flops": mm_flops, **{k: summary(v) for k, v in mm.items()}}}
+    other = [x["other_cores"] for x in alt["load"] if x]
+    alternation["other_cores"] = summary(other) if other else None
+    alternation["steal_cores"] = summary([x["steal_cores"] for x in alt["load"] if x]) if other else None
+    # contention need not hit both frameworks alike (a 2-thread OpenMP loop waits for its slower thread,
+    # XLA's pool steals work): the ratios again over the rounds in which other processes took little CPU
+    quiet = [i for i, x in enumerate(alt["load"]) if x and x["other_cores"] < args.quiet_below]
+    alternation["quiet_below_cores"] = args.quiet_below
+    alternation["wait_quiet_s"] = args.wait_quiet
+    alternation["quiet_rounds"] = quiet
+    alternation["ratios_quiet"] = {key: summary([r["per_round"][i] for i in quiet])
+                                   for key, r in alternation["ratios"].items()} if quiet else None
+    for name in VARIANTS:  # step time, FLOP/s and share of the matmul probe over the quiet rounds
+        r = jax_result.get(name) or torch_result[name]
+        r["quiet"] = {"step_s": summary([r["round_s"][i] for i in quiet]),
+                      "flop_per_s": summary([r["flop_per_s"]["per_round"][i] for i in quiet]),
+                      "of_matmul": summary([r["of_matmul"]["per_round"][i] for i in quiet])} if quiet else None
+    alternation["matmul"]["quiet"] = {k: summary([v[i] for i in quiet]) for k, v in mm.items()} if quiet else None
+    extra = floor_rows(spec, args.vocab, jax_result)
+    return jax_result, torch_result, alternation, extra
+
+
+def alternation_rows(jax_result: dict, torch_result: dict, alternation: dict) -> list[str]:
+    results = [jax_result[v] for v in VARIANTS[:2]] + [torch_result[v] for v in VARIANTS[2:]]
+    mm = alternation["matmul"]
+    g = lambda x: f"{x / 1e9:.1f}"  # noqa: E731
+    return [
+        f"| step (s): min–max of the {alternation['rounds']} round medians | "
+        + " | ".join(f"{r['step_s_min']:.3f}–{r['step_s_max']:.3f}" for r in results) + " |",
+        "| step GFLOP: matmuls (torch FlopCounterMode + attention) | " + " | ".join(
+            g(r["step_flops"]) for r in results) + " |",
+        "| step GFLOP: XLA cost analysis (plain loss, all ops) | " + " | ".join(
+            g(r["xla_flops_plain_loss"]) if "xla_flops_plain_loss" in r else "" for r in results) + " |",
+        "| GFLOP/s, median (min–max) | " + " | ".join(
+            f"{r['flop_per_s']['median'] / 1e9:.0f} ({r['flop_per_s']['min'] / 1e9:.0f}–"
+            f"{r['flop_per_s']['max'] / 1e9:.0f})" for r in results) + " |",
+        f"| share of one {mm['n']}² fp32 matmul's FLOP/s (XLA for jlora, torch for PEFT/torch) | " + " | ".join(
+            spread(r["of_matmul"]) for r in results) + " |",
+        *([f"| quiet rounds ({len(alternation['quiet_rounds'])}): median step (s) | " + " | ".join(
+            f"{r['quiet']['step_s']['median']:.3f}" for r in results) + " |",
+           "| quiet rounds: GFLOP/s | " + " | ".join(f"{r['quiet']['flop_per_s']['median'] / 1e9:.0f}" for r in results)
+           + " |",
+           "| quiet rounds: share of the matmul's FLOP/s | " + " | ".join(spread(r["quiet"]["of_matmul"]) for r in results)
+           + " |"] if alternation["quiet_rounds"] else [])]
+
+
+def alternation_lines(alternation: dict) -> list[str]:
+    rt, mm, n = alternation["ratios"], alternation["matmul"], alternation["rounds"]
+    per = lambda key: " ".join(f"{x:.2f}" for x in rt[key]["per_round"])  # noqa: E731
+    other, steal, quiet = alternation["other_cores"], alternation["steal_cores"], alternation["ratios_quiet"]
+    return [
+        f"ratios: jlora-LoRA / PEFT-LoRA = {spread(rt['jlora_lora/peft_lora'])}; "
+        f"jlora-LoRA / jlora-full = {spread(rt['jlora_lora/jlora_full'])}; "
+        f"PEFT-LoRA / torch-full = {spread(rt['peft_lora/torch_full'])}; "
+        f"jlora-full / torch-full = {spread(rt['jlora_full/torch_full'])}",
+        f"  (median (min–max) of per-round ratios over {n} rounds; each round times {alternation['steps_per_round']} "
+        f"steps of each variant and of each matmul in turn, order rotated each round; a round's value is the "
+        f"median of its steps)",
+        f"  per round, jlora-LoRA / PEFT-LoRA: {per('jlora_lora/peft_lora')}; jlora-LoRA / jlora-full: "
+        f"{per('jlora_lora/jlora_full')}",
+        f"one {mm['n']}x{mm['n']} @ {mm['n']}x{mm['n']} fp32 matmul, GFLOP/s median (min–max): "
+        f"XLA {mm['xla_matmul']['median'] / 1e9:.0f} ({mm['xla_matmul']['min'] / 1e9:.0f}–"
+        f"{mm['xla_matmul']['max'] / 1e9:.0f}), torch {mm['torch_matmul']['median'] / 1e9:.0f} "
+        f"({mm['torch_matmul']['min'] / 1e9:.0f}–{mm['torch_matmul']['max'] / 1e9:.0f}); "
+        f"time XLA / torch per round {spread(rt['xla_matmul/torch_matmul'])}",
+        "other processes' CPU during the rounds (cores, from /proc/stat): " + (
+            f"median {other['median']:.2f} (min–max {other['min']:.2f}–{other['max']:.2f}), steal "
+            f"{steal['median']:.2f}; per round: " + " ".join(f"{x:.2f}" for x in other["per_round"])
+            if other else "n/a"),
+        *([f"waited for a quiet machine before each round (up to {alternation['wait_quiet_s']:.0f} s): "
+           + " ".join(f"{w['waited_s']:.0f}s{'' if w['quiet'] else '(not quiet)'}" for w in alternation["waited"])]
+          if alternation["waited"] else []),
+        f"quiet rounds (other processes < {alternation['quiet_below_cores']} cores): "
+        + (f"{len(alternation['quiet_rounds'])} of {n}; jlora-LoRA / PEFT-LoRA = "
+           f"{spread(quiet['jlora_lora/peft_lora'])}, jlora-LoRA / jlora-full = "
+           f"{spread(quiet['jlora_lora/jlora_full'])}, PEFT-LoRA / torch-full = {spread(quiet['peft_lora/torch_full'])}, "
+           f"jlora-full / torch-full = {spread(quiet['jlora_full/torch_full'])}; matmul GFLOP/s XLA "
+           f"{mm['quiet']['xla_matmul']['median'] / 1e9:.0f}, torch {mm['quiet']['torch_matmul']['median'] / 1e9:.0f}"
+           if quiet else "none")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=sorted(WORKLOADS), help="default: W1 on cpu, llama-1b on gpu")
@@ -242,7 +400,18 @@ def main() -> None:
                         help="JAX attention of the llama workloads (auto: cuDNN on a GPU in bf16 if it runs)")
     parser.add_argument("--remat", action=argparse.BooleanOptionalAction,
                         help="llama workloads: per-layer remat / gradient checkpointing (default: the workload's)")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=3,
+                        help="GPT-2 workloads: timed steps of each variant per round; llama workloads: timed steps")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="GPT-2 workloads: rounds of alternation (and the least rounds of the inference timing)")
+    parser.add_argument("--matmul-n", type=int, default=2048,
+                        help="size of the fp32 matmul (n x n @ n x n) timed in XLA and torch as the practical FLOP/s limit")
+    parser.add_argument("--quiet-below", type=float, default=0.25,
+                        help="ratios also over the rounds in which other processes took fewer cores than this")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each round, wait up to this long for other processes to take fewer than "
+                             "--quiet-below cores (over 1 s); 0: do not wait")
+    parser.add_argument("--no-inference", action="store_true", help="GPT-2 workloads: skip the inference timing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=50257, help="GPT-2 workloads only")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
@@ -269,24 +438,28 @@ def main() -> None:
         return run_only(args, spec)
     if args.part:
         return run_part(args, spec)
+    load_before = loadavg()
+    alternation = None
     if llama:
         jax_result, torch_result, where, extra = run_llama(args, spec)
     else:
-        hf_config = gpt2_config(spec, args.vocab)
-        jax_result = measure_jax(hf_config, spec, args.steps, INFERENCE_SHAPES[args.workload], loss=args.loss,
-                                 chunk_size=args.loss_chunk)
-        torch_result = measure_torch(hf_config, spec, args.steps, args.threads)
-        where = f"{args.threads} threads, {platform.processor() or platform.machine()}, jlora loss {args.loss}" + \
+        jax_result, torch_result, alternation, extra = run_gpt2(args, spec)
+        where = f"{args.threads} torch threads, {platform.processor() or platform.machine()}, jlora loss {args.loss}" + \
             (f" (chunk {args.loss_chunk})" if args.loss == "fused" else "")
-        extra = floor_rows(spec, args.vocab, jax_result)
     rss = measure_rss(args) if args.rss else None
+    machine = {"info": machine_info(), "loadavg_before": load_before, "loadavg_after": loadavg()}
+    if llama:  # the steps ran in child processes: their thread settings, not this process's
+        for part, r in (("torch", torch_result), ("jax", jax_result)):
+            machine["info"]["threads"][part] = r.get("machine", {}).get("threads", {}).get(part)
     report = table(args.workload, jax_result, torch_result, where, rss,
-                   "q_proj, v_proj" if llama else "c_attn", extra, spec)
+                   "q_proj, v_proj" if llama else "c_attn", extra, spec, alternation, machine)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"compare_peft_{args.workload}.json").write_text(json.dumps(
-        {"workload": args.workload, "spec": spec, "device": args.device, "dtype": args.dtype, "jax": jax_result,
-         "torch": torch_result, "peak_rss_mib": rss, "table": report},
+    suffix = "_plain" if not llama and args.loss == "plain" else ""
+    (args.out / f"compare_peft_{args.workload}{suffix}.json").write_text(json.dumps(
+        {"workload": args.workload, "spec": spec, "device": args.device, "dtype": args.dtype,
+         "loss": None if llama else args.loss, "machine": machine, "jax": jax_result, "torch": torch_result,
+         "alternation": alternation, "peak_rss_mib": rss, "table": report},
         indent=2))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import jlora
-from timing import median_seconds, time_inference, time_train_step
+from timing import compile_train_step, median_seconds, time_inference
 
 RANK = 8
 
@@ -47,20 +47,8 @@ def make_loss(loss: str, chunk_size: int = 1024) -> Any:
     raise ValueError(f"loss: expected 'fused' or 'plain', got {loss!r}")
 
 
-def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
-                variants: tuple[str, ...] = ("jlora_lora", "jlora_full"), loss: str = "fused",
-                chunk_size: int = 1024) -> dict[str, Any]:
-    """Compile, memory analysis, median step of the jlora LoRA and full steps; inference latency."""
-    import transformers as tf
-    model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)
-    params = model.params
-    config = jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=("c_attn",), fan_in_fan_out=True)
-    lora = jlora.init(jax.random.key(0), params, config)
-    trainable, frozen = jlora.split(params, lora, config)
-    f = jlora.apply(model, config)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])),
-                      jnp.int32)
-    tx_lora, tx_full = jlora.optimizer(optax.adamw(1e-4), config), optax.adamw(1e-4)
+def _train_steps(model: Any, f: Any, tx_lora: Any, tx_full: Any, loss: str, chunk_size: int) -> dict[str, Any]:
+    """The jlora LoRA and full train steps ``step(state, opt_state, ids, rest) -> (state, opt_state, loss)``."""
     loss_fn, model_kwargs = make_loss(loss, chunk_size)
 
     def lora_step(t, o, ids, fz):  # the frozen base is an argument: closed over, XLA bakes it in as constants
@@ -72,29 +60,93 @@ def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
         loss, g = jax.value_and_grad(lambda p: loss_fn(model(ids, params=p, **model_kwargs), p, ids))(p)
         u, o = tx_full.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
+    return {"jlora_lora": lora_step, "jlora_full": full_step}
 
-    out: dict[str, Any] = {}
-    if shapes:
-        base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
-        lora_fwd = jax.jit(lambda p, l, x: f(p, l, x).logits)
-        nonzero = jax.tree_util.tree_map(lambda x: x + 0.01, lora)  # non-zero lora_b: a real unmerged path
-        out["inference"] = time_inference(base_fwd, lora_fwd, params, nonzero, config, shapes, steps)
-    for name, step, state, tx, rest in (("jlora_lora", lora_step, trainable, tx_lora, frozen),
-                                        ("jlora_full", full_step, params, tx_full, {})):
-        if name not in variants:
-            continue
-        out[name] = time_train_step(step, state, tx.init(state), ids, rest, steps)
+
+def build_jax(hf_config: Any, spec: dict, loss: str = "fused", chunk_size: int = 1024) -> dict[str, Any]:
+    """The Flax GPT-2 (random init), its jlora LoRA setup, the batch, and the two train steps with
+    their states: ``built["steps"][name] = (step, state, tx, rest)``."""
+    import transformers as tf
+    model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)
+    params = model.params
+    config = jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=("c_attn",), fan_in_fan_out=True)
+    lora = jlora.init(jax.random.key(0), params, config)
+    trainable, frozen = jlora.split(params, lora, config)
+    f = jlora.apply(model, config)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])),
+                      jnp.int32)
+    tx_lora, tx_full = jlora.optimizer(optax.adamw(1e-4), config), optax.adamw(1e-4)
+    steps = _train_steps(model, f, tx_lora, tx_full, loss, chunk_size)
+    plain = _train_steps(model, f, tx_lora, tx_full, "plain", chunk_size)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    out["bytes"] = {"params": nbytes(params), "trainable": nbytes(trainable)}
+    return {"model": model, "params": params, "config": config, "lora": lora, "f": f, "ids": ids,
+            "steps": {"jlora_lora": (steps["jlora_lora"], trainable, tx_lora, frozen),
+                      "jlora_full": (steps["jlora_full"], params, tx_full, {})},
+            "plain_steps": plain, "bytes": {"params": nbytes(params), "trainable": nbytes(trainable)}}
+
+
+def xla_flops(step: Any, state: Any, opt_state: Any, ids: Any, rest: Any) -> float | None:
+    """XLA's cost-analysis FLOPs of ``step`` (lowered, not compiled)."""
+    cost = jax.jit(step).lower(state, opt_state, ids, rest).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return None if not cost or "flops" not in cost else float(cost["flops"])
+
+
+def prepare_jax(built: dict[str, Any], variants: tuple[str, ...] = ("jlora_lora", "jlora_full")) -> dict[str, Any]:
+    """``{name: (run, info)}``: each step compiled (:func:`timing.compile_train_step`), ``run()`` one
+    step; ``info``: compile seconds, XLA's memory analysis, and ``xla_flops_plain_loss``, XLA's count
+    of the same step with the plain loss (the fused loss's backward is a ``scan`` over vocabulary
+    blocks, whose body cost analysis counts once; both do the same matmuls)."""
+    out = {}
+    for name in variants:
+        step, state, tx, rest = built["steps"][name]
+        opt_state = tx.init(state)
+        run, info = compile_train_step(step, state, opt_state, built["ids"], rest)
+        info["xla_flops_plain_loss"] = xla_flops(built["plain_steps"][name], state, opt_state, built["ids"], rest)
+        out[name] = (run, info)
     return out
 
 
-def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int,
+def jax_inference(built: dict[str, Any], shapes: tuple, rounds: int) -> dict[str, Any]:
+    """Inference latency (jit forward) of the base, merged and unmerged LoRA model (:func:`timing.time_inference`)."""
+    model, f = built["model"], built["f"]
+    base_fwd = jax.jit(lambda p, x: model(x, params=p).logits)
+    lora_fwd = jax.jit(lambda p, l, x: f(p, l, x).logits)
+    nonzero = jax.tree_util.tree_map(lambda x: x + 0.01, built["lora"])  # non-zero lora_b: a real unmerged path
+    return time_inference(base_fwd, lora_fwd, built["params"], nonzero, built["config"], shapes, rounds)
+
+
+def measure_jax(hf_config: Any, spec: dict, steps: int, shapes: tuple,
+                variants: tuple[str, ...] = ("jlora_lora", "jlora_full"), loss: str = "fused",
+                chunk_size: int = 1024) -> dict[str, Any]:
+    """Each variant on its own (no alternation; compare_peft's ``--rss`` children): compile, memory
+    analysis, median of ``steps`` steps; inference latency at ``shapes``."""
+    built = build_jax(hf_config, spec, loss, chunk_size)
+    out: dict[str, Any] = {}
+    if shapes:
+        out["inference"] = jax_inference(built, shapes, steps)
+    for name, (run, info) in prepare_jax(built, variants).items():
+        first, median = median_seconds(run, steps)
+        out[name] = {**info, "first_step_s": first, "step_s": median}
+    out["bytes"] = built["bytes"]
+    return out
+
+
+def attention_flops(spec: dict) -> float:
+    """FLOPs of the attention matmuls of a train step, full ``s x s`` scores (causal mask applied, not
+    skipped): forward ``Q K^T`` and ``P V`` (2 * 2 b s^2 d per layer), backward twice that."""
+    return 3.0 * 4 * spec["batch"] * spec["seq"] ** 2 * spec["n_embd"] * spec["n_layer"]
+
+
+def prepare_torch(hf_config: Any, spec: dict, threads: int,
                   variants: tuple[str, ...] = ("peft_lora", "torch_full")) -> dict[str, Any]:
-    """Median step of PEFT LoRA and of a plain PyTorch full fine-tune on ``threads`` CPU threads."""
+    """``{name: (run, info)}`` for PEFT LoRA and a plain PyTorch full fine-tune on ``threads`` CPU
+    threads; ``info``: trainable parameters and the step's FLOPs as torch's ``FlopCounterMode``
+    counts them (matmuls and attention, 2 per multiply-add; one step is run to count them)."""
     import torch
     import transformers as tf
     from peft import LoraConfig as PeftConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -107,13 +159,31 @@ def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int,
                                                      fan_in_fan_out=True))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def run():
+        def run(model=model, opt=opt):
             loss = model(ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return None
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+        counted = float(counter.get_total_flops())
+        ops = {str(op) for ops in counter.get_flop_counts().values() for op in ops}
+        # FlopCounterMode has no formula for SDPA's CPU kernel: add the attention matmuls by hand
+        attention = 0.0 if any("attention" in op for op in ops) else attention_flops(spec)
+        out[name] = (run, {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                           "torch_flops": counted, "attention_flops_added": attention,
+                           "matmul_flops": counted + attention,
+                           "attn_implementation": getattr(model.config, "_attn_implementation", None)})
+    return out
+
+
+def measure_torch(hf_config: Any, spec: dict, steps: int, threads: int,
+                  variants: tuple[str, ...] = ("peft_lora", "torch_full")) -> dict[str, Any]:
+    """Each variant on its own (no alternation; compare_peft's ``--rss`` children): median step."""
+    out = {}
+    for name, (run, info) in prepare_torch(hf_config, spec, threads, variants).items():
         first, median = median_seconds(run, steps)
-        out[name] = {"first_step_s": first, "step_s": median,
-                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        out[name] = {**info, "first_step_s": first, "step_s": median}
     return out

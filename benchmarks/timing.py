@@ -51,11 +51,10 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], rounds: int, warmup: i
     return times
 
 
-def time_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest: Any, steps: int) -> dict[str, Any]:
+def compile_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest: Any) -> tuple[Callable, dict]:
     """Compile ``step(state, opt_state, batch, rest) -> (state, opt_state, loss)`` with the state and
-    the optimizer state donated, and time it on a copy of ``state``: compile seconds, first call,
-    median of ``steps`` calls (:func:`median_seconds`), the last loss, and XLA's memory analysis
-    (argument / output / alias / temp bytes)."""
+    the optimizer state donated; return ``run()`` (one step on a copy of ``state``, returning the loss)
+    and ``{compile_s, memory}`` (XLA's memory analysis: argument / output / alias / temp bytes)."""
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, batch, rest).compile()
     compile_s = time.perf_counter() - start
@@ -65,10 +64,70 @@ def time_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest
     def run():
         box["state"], box["opt"], loss = compiled(box["state"], box["opt"], batch, rest)
         return loss
-    first, median = median_seconds(run, steps)
     memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")} \
         if mem is not None else {}
-    return {"compile_s": compile_s, "first_step_s": first, "step_s": median, "loss": float(run()), "memory": memory}
+    return run, {"compile_s": compile_s, "memory": memory}
+
+
+def time_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, rest: Any, steps: int) -> dict[str, Any]:
+    """:func:`compile_train_step`, then the first call and the median of ``steps`` calls
+    (:func:`median_seconds`), and the last loss."""
+    run, info = compile_train_step(step, state, opt_state, batch, rest)
+    first, median = median_seconds(run, steps)
+    return {**info, "first_step_s": first, "step_s": median, "loss": float(run())}
+
+
+def alternate(runs: dict[str, Callable[[], Any]], rounds: int, steps: int, warmup: int = 2,
+              sample_load: Callable[[], Any] | None = None,
+              before_round: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Time ``runs`` (train steps of different frameworks, matmul probes) against each other in one
+    process: after ``warmup`` untimed calls of each (the first one timed apart: compile / first step),
+    ``rounds`` rounds, each running ``steps`` calls of every run in turn, the order rotated by one every
+    round (a b c d, b c d a, ...), so that a slow spell of a shared machine hits a whole round and
+    cancels in the per-round ratios of :func:`paired`. ``before_round()`` (e.g. :func:`machine.wait_quiet`)
+    runs before each round, its result kept in ``"before"``; ``sample_load()`` (e.g.
+    :meth:`machine.CpuLoad.sample`) is called as each round starts and as it ends, the second result kept.
+    Returns ``{"first_s": {name: s}, "rounds": [{name: [s, ...]}], "order": [[name, ...]],
+    "load": [sample, ...], "before": [...]}``."""
+    first = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        first[name] = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        for run in runs.values():
+            jax.block_until_ready(run())
+    names = list(runs)
+    out: dict[str, Any] = {"first_s": first, "rounds": [], "order": [], "load": [], "before": []}
+    for i in range(rounds):
+        if before_round:
+            out["before"].append(before_round())
+        if sample_load:
+            sample_load()  # this round's interval starts here
+        order = names[i % len(names):] + names[:i % len(names)]
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for name in order:
+            for _ in range(steps):
+                start = time.perf_counter()
+                jax.block_until_ready(runs[name]())
+                times[name].append(time.perf_counter() - start)
+        out["rounds"].append(times)
+        out["order"].append(order)
+        if sample_load:
+            out["load"].append(sample_load())
+    return out
+
+
+def round_medians(alternated: dict[str, Any], name: str) -> list[float]:
+    """Per round, the median of ``name``'s calls in that round."""
+    return [statistics.median(r[name]) for r in alternated["rounds"]]
+
+
+def paired(alternated: dict[str, Any], num: str, den: str) -> dict[str, Any]:
+    """Ratio ``num / den`` per round (of the per-round medians), and its median, min and max over the rounds."""
+    ratios = [a / b for a, b in zip(round_medians(alternated, num), round_medians(alternated, den))]
+    return {"per_round": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": len(ratios)}
 
 
 def time_inference(base_fwd: Callable, lora_fwd: Callable, params: Any, lora: Any, config: Any,
