@@ -4,7 +4,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from jlora.checkpoint import (AdapterCheckpointer, CheckpointCorruptError, _meta
 
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
+from launch import run_workers  # noqa: E402
 from problem import CONFIG, batch_for, setup  # noqa: E402
 
 MUTATIONS = ("flip_bytes", "flip_bit", "truncate", "delete", "zero")
@@ -243,20 +243,9 @@ def test_a_base_differing_only_after_element_64_is_refused(saved):
             ckpt.restore(wide, opt_state)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_checksum_and_save_arrays_no_process_holds_whole(tmp_path):
-    port, out, ckpt_dir = free_port(), tmp_path / "result.json", tmp_path / "ckpt"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(WORKERS / "checkpoint_multihost_worker.py"), str(i), "2", str(port),
-                               str(ckpt_dir), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    out, ckpt_dir = tmp_path / "result.json", tmp_path / "ckpt"
+    run_workers(WORKERS / "checkpoint_multihost_worker.py", ckpt_dir, out)
     result = json.loads(out.read_text())
     assert result["processes"] == 2 and not result["any_fully_addressable"]
 

@@ -1,8 +1,5 @@
 """Two real processes with jax.distributed on 127.0.0.1 train like one process (CPU, gloo)."""
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,25 +10,15 @@ import jlora
 
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
+from launch import run_workers  # noqa: E402
 from problem import batch_for, setup  # noqa: E402
 
 STEPS = 3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
-    port, out = free_port(), tmp_path / "result.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(WORKERS / "multihost_worker.py"), str(i), "2", str(port),
-                               str(out), str(STEPS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    out = tmp_path / "result.json"
+    run_workers(WORKERS / "multihost_worker.py", out, STEPS)
     result = json.loads(out.read_text())
     assert (result["processes"], result["devices"]) == (2, 4)
 
