@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,7 +200,8 @@ def _orbax_leftover(error: BaseException | None, tb: Any) -> bool:
     naming a step folder of :data:`_READS` (TensorStore's), or TensorStore's closed-loop callback."""
     frames = [(f.f_code.co_name, f.f_code.co_filename) for f, _ in traceback.walk_tb(tb)]
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-        return any(name == "call_soon_threadsafe" for name, _ in frames)
+        # TensorStore's callback into orbax's closed loop; its traceback may be gone by the time it is reported
+        return not frames or any(name == "call_soon_threadsafe" for name, _ in frames)
     return (any(f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in file for _, file in frames)
             or any(str(folder) in str(error) for folder in _READS))
 
@@ -220,6 +222,9 @@ def _quiet_orbax_leftovers() -> None:
     The restore has raised its one :class:`CheckpointCorruptError` by then.
     """
     logging.getLogger("asyncio").addFilter(_quiet_log)  # added once however often called
+    # a read coroutine orbax created but never awaited once its loop closed (seen on Python 3.12)
+    warnings.filterwarnings("ignore", message=r"coroutine '_read_array_index_and_device_put' was never awaited",
+                            category=RuntimeWarning)
     previous = sys.unraisablehook
     if getattr(previous, "jlora_filter", False):
         return
