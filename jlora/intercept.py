@@ -27,9 +27,10 @@ import jax
 from jlora.config import LoraConfig, check_config
 from jlora.core import init
 from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
-from jlora.layerkinds import KernelLayout, as_function, contracted_axes, is_adaptable, observe_layers
+from jlora.layerkinds import (KernelLayout, as_function, contracted_axes, is_adaptable, observe_layers,
+                               tables_read_transposed)
 from jlora.plan import AdapterPlan, Target, make_plan
-from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten
+from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten, kernel_paths, module_path
 
 
 def _first_input(args: tuple, kwargs: dict) -> Any:
@@ -49,6 +50,8 @@ class _Interceptor:
         self.prefix = (COLLECTION,) if plan.in_variables else ()
         pairs = adapter_modules(lora)
         self.embeddings = {t.path: (t, pairs[t.key_path[:-1]]) for t in plan.values() if t.kind == "embed"}
+        self.tables = {module_path(p, plan.in_variables): tuple(leaf.shape)
+                       for p, leaf in kernel_paths(combined).items() if p[-1] == "embedding"}
         self.used: set[str] = set()
 
     def _dropout(self, module: nn.Module, x: Any) -> Any:
@@ -65,12 +68,12 @@ class _Interceptor:
         kernel = module.get_variable(COLLECTION, "kernel")
         if kernel is None:
             return None
-        matches = [hit for hit in self.embeddings.values() if tuple(reversed(hit[0].shape)) == tuple(kernel.shape)]
-        if len(matches) > 1:
+        tables = tables_read_transposed(tuple(kernel.shape), self.tables)
+        if len(tables) > 1 and set(tables) & set(self.embeddings):
             raise ValueError(f"jlora.apply: the head at {'/'.join(module.path)!r} reads a kernel of shape "
-                             f"{tuple(kernel.shape)} that several adapted embeddings could be tied to: "
-                             f"{[t.path for t, _ in matches]}")
-        return matches[0] if matches else None
+                             f"{tuple(kernel.shape)} that several embeddings could be tied to: {tables}, of which "
+                             f"{sorted(set(tables) & set(self.embeddings))} carry adapters")
+        return self.embeddings.get(tables[0]) if len(tables) == 1 else None
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module

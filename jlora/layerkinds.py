@@ -167,12 +167,12 @@ def discover(model: Any, params: Tree, inputs: tuple | None
     return observe_layers(model, params, *(inputs if isinstance(inputs, tuple) else (inputs,)))
 
 
-def tied_heads_of(heads: Mapping[str, tuple[int, ...]], embedding_shape: tuple[int, ...],
-                  embeddings: Mapping[str, tuple[int, ...]]) -> tuple[str, ...]:
-    """The head calls that read an embedding of ``embedding_shape`` transposed (unambiguously)."""
-    out = []
-    for head, shape in heads.items():
-        if shape == tuple(reversed(embedding_shape)) and \
-                sum(tuple(reversed(s)) == shape for s in embeddings.values()) == 1:
-            out.append(head)
-    return tuple(out)
+def tables_read_transposed(head_shape: tuple[int, ...], tables: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The embedding tables (``{path: (vocab, dim)}``) whose transpose has the head kernel's shape."""
+    return [path for path, shape in tables.items() if tuple(reversed(shape)) == tuple(head_shape)]
+
+
+def tied_heads_of(heads: Mapping[str, tuple[int, ...]], table: str,
+                  tables: Mapping[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The head calls that read ``table`` transposed, and no other table of ``tables`` (unambiguous)."""
+    return tuple(head for head, shape in heads.items() if tables_read_transposed(shape, tables) == [table])

@@ -223,7 +223,7 @@ def make_plan(params: Tree, config: LoraConfig, *, model: Any = None, inputs: tu
                         layer=layer, shape=tuple(kernel.shape), dtype=str(kernel.dtype), layout=layout, rank=rank,
                         alpha=config.alpha_for(mpath), scale=config.scale_for(mpath, rank),
                         slices=config.slices_for(mpath),
-                        tied_heads=tied_heads_of(heads, tuple(kernel.shape), embeddings)
+                        tied_heads=tied_heads_of(heads, mpath, embeddings)
                         if key_path[-1] == "embedding" else ())
         _check_rank(target, config)
         if pair is not None:

@@ -22,13 +22,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.config import LoraConfig
-from jlora.plan import Target, spec_entries, make_plan
+from jlora.plan import make_plan, spec_entries
 from jlora.tree import LORA_KEYS, Tree, flatten, unflatten
-
-
-def adapter_specs(target: Target, kernel_spec: Any, mesh: Mesh | None = None) -> tuple[P, P]:
-    """``(spec of lora_a, spec of lora_b)`` of one planned target from its kernel's spec."""
-    return target.specs(kernel_spec, mesh)
 
 
 def derive_specs(params: Tree, param_specs: Tree, trainable: Tree, config: LoraConfig, *,
