@@ -8,9 +8,9 @@ import jax
 import numpy as np
 
 from jlora.config import LoraConfig, check_config
-from jlora.optim import split
+from jlora.optim import TRAINABLE, labels
 from jlora.plan import make_plan
-from jlora.tree import COLLECTION, Tree, is_variables_dict
+from jlora.tree import COLLECTION, Tree, combine, is_variables_dict
 
 
 def _size(tree: Tree) -> tuple[int, int]:
@@ -61,7 +61,9 @@ def count(params: Tree, lora: Tree, config: LoraConfig) -> LoraCount:
         params = {COLLECTION: params[COLLECTION]}
         lora = {COLLECTION: lora[COLLECTION]} if is_variables_dict(lora) else lora
     plan = make_plan(params, config, lora=lora, caller="jlora.count")  # every adapter checked against its kernel
-    trainable, _ = split(params, lora, config)
+    combined = combine(params, lora)  # the trainable leaves, by label: no copies, no second plan (split's)
+    trainable = [leaf for leaf, label in zip(jax.tree_util.tree_leaves(combined),
+                                             jax.tree_util.tree_leaves(labels(combined, config))) if label == TRAINABLE]
     n_base, base_bytes = _size(params)
     n_adapter = sum(target.n_params for target in plan.values())
     n_trainable, trainable_bytes = _size(trainable)
