@@ -3,7 +3,12 @@
 Every function here adds the low-rank path to an already computed base output and never forms
 ``W + scale * A @ B``: for inputs ``x`` of shape ``(..., fan_in)``,
 
-    y = x @ W (+ bias) + scale * (dropout(x) @ lora_a) @ lora_b,
+    y = x @ W (+ bias) + ((dropout(x) @ lora_a) * scale) @ lora_b,
+
+the scale applied to the ``(tokens, r)`` hidden rather than to the ``(tokens, fan_out)`` output: the
+same product, but the backward pass then needs no ``(tokens, fan_out)`` multiply, and XLA:CPU no
+transposed copy of the output gradient for ``lora_b``'s gradient (10-13% of a LoRA layer's train
+time at GPT-2 and MiniLM shapes; BENCHMARKS.md, issue 11).
 
 which costs ``O(tokens * r * (fan_in + fan_out))`` extra FLOPs and an ``(tokens, r)`` activation,
 and whose backward pass yields gradients for ``lora_a`` (fan_in, r) and ``lora_b`` (r, fan_out)
@@ -58,8 +63,7 @@ def dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, *,
     dtype = _compute_dtype(x, lora_a)
     hidden = jax.lax.dot_general(x.astype(dtype), lora_a.astype(dtype),
                                  ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
-    out = jnp.tensordot(hidden, lora_b.astype(dtype), axes=1, precision=precision)
-    return out * jnp.asarray(scale, dtype)
+    return jnp.tensordot(hidden * jnp.asarray(scale, dtype), lora_b.astype(dtype), axes=1, precision=precision)
 
 
 def fused_dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, mask: Sequence[bool], *,
@@ -71,8 +75,8 @@ def fused_dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, mask
     """
     dtype = _compute_dtype(x, lora_a)
     hidden = jnp.einsum("...i,eir->...er", x.astype(dtype), lora_a.astype(dtype), precision=precision)
-    parts = jnp.einsum("...er,ero->...eo", hidden, lora_b.astype(dtype), precision=precision) \
-        * jnp.asarray(scale, dtype)
+    parts = jnp.einsum("...er,ero->...eo", hidden * jnp.asarray(scale, dtype), lora_b.astype(dtype),
+                       precision=precision)
     zeros = jnp.zeros(parts.shape[:-2] + parts.shape[-1:], dtype)
     slots = iter(range(parts.shape[-2]))
     return jnp.concatenate([parts[..., next(slots), :] if on else zeros for on in mask], axis=-1)
@@ -81,7 +85,7 @@ def fused_dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, mask
 def embed_delta(ids: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
     """``scale * lora_a[ids] @ lora_b`` for an embedding lookup; ``lora_a: (vocab, r)``."""
     rows = jnp.take(lora_a, ids, axis=0)
-    return (rows @ lora_b) * jnp.asarray(scale, lora_a.dtype)
+    return (rows * jnp.asarray(scale, lora_a.dtype)) @ lora_b
 
 
 def attend_delta(query: Array, lora_a: Array, lora_b: Array, scale: float) -> Array:
@@ -91,7 +95,7 @@ def attend_delta(query: Array, lora_a: Array, lora_b: Array, scale: float) -> Ar
     """
     dtype = _compute_dtype(query, lora_a)
     hidden = query.astype(dtype) @ lora_b.astype(dtype).T
-    return (hidden @ lora_a.astype(dtype).T) * jnp.asarray(scale, dtype)
+    return (hidden * jnp.asarray(scale, dtype)) @ lora_a.astype(dtype).T
 
 
 def add_delta(base: Array, delta: Array) -> Array:

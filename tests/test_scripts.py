@@ -57,3 +57,13 @@ def test_compare_peft_runner_on_a_tiny_config(tmp_path):
     rss = result["peak_rss_mib"]
     assert set(rss) == {"none", "jlora_lora", "jlora_full", "peft_lora", "torch_full"}
     assert all(rss[v] > rss["none"] for v in ("jlora_lora", "jlora_full", "peft_lora", "torch_full"))
+
+
+def test_main_job_step_benchmark_on_a_tiny_bert(tmp_path):
+    out = run(ROOT / "benchmarks" / "main_job_step.py", "--tiny", "--rounds", "2", "--steps", "1", "--out", tmp_path)
+    result = json.loads((tmp_path / "main_job_step.json").read_text())
+    assert "jlora / PEFT step time" in out
+    assert result["jlora_lora"]["step_s"] > 0 and result["peft_lora"]["step_s"] > 0
+    ratio = result["alternation"]["ratios"]["jlora_lora/peft_lora"]
+    assert ratio["rounds"] == 2 and ratio["median"] > 0
+    assert result["jlora_lora"]["trainable"] == result["peft_lora"]["trainable"] > 0
