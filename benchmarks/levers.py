@@ -11,8 +11,10 @@ and min-max over rounds; the XLA matmul probe of machine.py in the same rounds i
   fused LM-head loss as they were (legacy_paths.py patched in while the step is traced);
   ``lora_scale`` - today's delta (scale on the rank-r hidden), the old loss; ``now`` - both of today.
 * ``main`` (the CLI's step, built with jlora.app.finetune's own functions): ``issue10`` - the old
-  delta; ``now`` - the step the CLI runs today; ``rbg_dropout`` - today's step with dropout keys of
-  jax's ``rbg`` impl (XLA's RngBitGenerator) instead of the default threefry (a lever tried, not kept).
+  delta, dropout keys of jax's default threefry impl (as the CLI drew them then); ``lora_scale`` -
+  today's delta, the default keys; ``now`` - the step the CLI runs today (jlora.rng keys: the same
+  bits, threefry's rounds unrolled); ``rbg_dropout`` - today's delta with keys of jax's ``rbg`` impl
+  (XLA's RngBitGenerator; a lever tried, not kept).
 
 ``--profile`` adds, per variant, the op classes (op_profile.py: matmul / elementwise+reduce /
 copy/transpose; ms per step, GFLOP/s) from a jax.profiler trace.
@@ -99,9 +101,11 @@ def main_variants() -> tuple[dict[str, tuple], float]:
              "attention_mask": jnp.ones((options.batch, options.max_length), jnp.int32),
              "labels": jnp.asarray(rng.integers(0, 5, (options.batch,)), jnp.int32)}
     opt_state = tx.init(trainable)
-    keys = {"cli": jax.random.key(options.seed + 1), "rbg": jax.random.key(options.seed + 1, impl="rbg")}
+    keys = {"default": jax.random.key(options.seed + 1), "cli": F.dropout_key(options.seed),
+            "rbg": jax.random.key(options.seed + 1, impl="rbg")}
     out = {}
-    for name, (delta, key) in {"issue10": (True, "cli"), "now": (False, "cli"), "rbg_dropout": (False, "rbg")}.items():
+    for name, (delta, key) in {"issue10": (True, "default"), "lora_scale": (False, "default"), "now": (False, "cli"),
+                               "rbg_dropout": (False, "rbg")}.items():
         with patched(delta, False):  # a step of its own per variant: a jitted step caches its trace
             step = make_train_step(lambda t, fz, b: loss(t, fz, b), tx, donate=False)
             run, compiled = compiled_step(step, (trainable, opt_state, frozen, {**batch, "rng": keys[key]}))

@@ -76,7 +76,7 @@ def make_batch(batch: int, seq: int) -> dict[str, np.ndarray]:
 
 def prepare_jlora(options: Any, data: dict[str, np.ndarray]) -> tuple[Any, dict, Any, Any]:
     """``(run, info, config, model)``: the CLI's step; ``run()`` is one step of ``finetune()``'s loop."""
-    from jlora.app.finetune import _loss_and_logits, build, make_optimizer
+    from jlora.app.finetune import _loss_and_logits, build, dropout_key, make_optimizer
     from jlora.intercept import apply
     from jlora.train import make_train_step
     model, params, config, trainable, frozen = build(options, NUM_LABELS)
@@ -85,7 +85,7 @@ def prepare_jlora(options: Any, data: dict[str, np.ndarray]) -> tuple[Any, dict,
     opt_state = tx.init(trainable)
     step_fn = make_train_step(lambda t, fz, b: _loss_and_logits(model, f, t, fz, b, b["rng"], True)[0], tx,
                               donate=False)
-    key = jax.random.key(options.seed + 1)  # the CLI's dropout root key (jlora.app.finetune.finetune)
+    key = dropout_key(options.seed)  # the CLI's dropout root key
     lowered = step_fn.lower(trainable, opt_state, frozen, {**data, "rng": jax.random.fold_in(key, 0)})
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

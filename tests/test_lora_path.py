@@ -83,3 +83,29 @@ def test_fused_loss_is_exact_for_large_logits_across_blocks():
         np.testing.assert_allclose(value, want, rtol=1e-5)
         for got, expected in zip(grads, want_grads):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_jlora_rng_keys_draw_the_bits_of_jax_default_keys():
+    """jlora.rng.key (threefry with its rounds unrolled) gives jax.random.key's bits for every sampler."""
+    from jlora import rng
+    for seed in (0, 1, 2**31 + 5):
+        ours, theirs = rng.key(seed), jax.random.key(seed)
+        for shape in ((), (7,), (3, 5, 11), (16, 128, 6)):
+            np.testing.assert_array_equal(jax.random.bits(ours, shape), jax.random.bits(theirs, shape))
+            np.testing.assert_array_equal(jax.random.bits(ours, shape, jnp.uint8), jax.random.bits(theirs, shape, jnp.uint8))
+            np.testing.assert_array_equal(jax.random.bernoulli(ours, 0.9, shape), jax.random.bernoulli(theirs, 0.9, shape))
+        np.testing.assert_array_equal(jax.random.normal(jax.random.fold_in(ours, 3), (4, 4)),
+                                      jax.random.normal(jax.random.fold_in(theirs, 3), (4, 4)))
+        ours_split, theirs_split = jax.random.split(ours), jax.random.split(theirs)
+        np.testing.assert_array_equal(jax.random.key_data(ours_split), jax.random.key_data(theirs_split))
+        np.testing.assert_array_equal(jax.jit(lambda k: jax.random.uniform(k, (33, 9)))(ours_split[1]),
+                                      jax.random.uniform(theirs_split[1], (33, 9)))
+
+
+def test_flax_dropout_with_a_jlora_rng_key_equals_the_default_key():
+    import flax.linen as nn
+    x = jnp.ones((4, 32))
+    layer = nn.Dropout(0.3, deterministic=False)
+    from jlora import rng
+    np.testing.assert_array_equal(layer.apply({}, x, rngs={"dropout": rng.key(7)}),
+                                  layer.apply({}, x, rngs={"dropout": jax.random.key(7)}))
