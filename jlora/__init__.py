@@ -17,10 +17,11 @@ from jlora.tree import combine, partition
 from jlora.train import make_pmap_train_step, make_train_step, plan_shardings
 from jlora.checkpoint import AdapterCheckpointer
 from jlora import hf  # noqa: E402  (jlora.hf imports transformers lazily: not at all)
+from jlora import rng  # noqa: E402  (jlora.rng.key: cheap dropout keys with jax's threefry bits)
 
 __version__ = "0.1.0"
 __all__ = [
-    "hf", "LoraConfig", "AdapterPlan", "KernelLayout", "Target", "make_plan", "LoraApply", "LoraCount", "LoraDense",
+    "hf", "rng", "LoraConfig", "AdapterPlan", "KernelLayout", "Target", "make_plan", "LoraApply", "LoraCount", "LoraDense",
     "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
     "partition", "split", "unmerge", "make_train_step", "make_pmap_train_step", "plan_shardings",
     "AdapterCheckpointer", "lm_head_cross_entropy", "next_token_targets",
