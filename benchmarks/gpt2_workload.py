@@ -138,6 +138,15 @@ def attention_flops(spec: dict) -> float:
     return 3.0 * 4 * spec["batch"] * spec["seq"] ** 2 * spec["n_embd"] * spec["n_layer"]
 
 
+def torch_flops(run: Any) -> tuple[float, set[str]]:
+    """Run ``run()`` once under torch's ``FlopCounterMode``: ``(FLOPs counted, names of the counted ops)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return float(counter.get_total_flops()), {str(op) for ops in counter.get_flop_counts().values() for op in ops}
+
+
 def prepare_torch(hf_config: Any, spec: dict, threads: int,
                   variants: tuple[str, ...] = ("peft_lora", "torch_full")) -> dict[str, Any]:
     """``{name: (run, info)}`` for PEFT LoRA and a plain PyTorch full fine-tune on ``threads`` CPU
@@ -146,7 +155,6 @@ def prepare_torch(hf_config: Any, spec: dict, threads: int,
     import torch
     import transformers as tf
     from peft import LoraConfig as PeftConfig, get_peft_model
-    from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -165,11 +173,7 @@ def prepare_torch(hf_config: Any, spec: dict, threads: int,
             opt.step()
             opt.zero_grad(set_to_none=True)
             return None
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run()
-        counted = float(counter.get_total_flops())
-        ops = {str(op) for ops in counter.get_flop_counts().values() for op in ops}
+        counted, ops = torch_flops(run)
         # FlopCounterMode has no formula for SDPA's CPU kernel: add the attention matmuls by hand
         attention = 0.0 if any("attention" in op for op in ops) else attention_flops(spec)
         out[name] = (run, {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -120,7 +120,7 @@ def prepare_peft(path: Path, config: Any, data: dict[str, np.ndarray], threads: 
     import torch
     import transformers
     from peft import LoraConfig as PeftConfig, get_peft_model
-    from torch.utils.flop_counter import FlopCounterMode
+    from gpt2_workload import torch_flops
     if config.rank_pattern or config.alpha_pattern or config.enable_lora:
         raise ValueError("per-module ranks / alphas / enable_lora are not mirrored on the PEFT side")
     torch.set_num_threads(threads)
@@ -139,11 +139,7 @@ def prepare_peft(path: Path, config: Any, data: dict[str, np.ndarray], threads: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         return None
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run()
-    counted = float(counter.get_total_flops())
-    ops = {str(op) for ops in counter.get_flop_counts().values() for op in ops}
+    counted, ops = torch_flops(run)
     # no FlopCounterMode formula for SDPA's CPU kernel; the math fallback's bmm calls are counted
     attention = 0.0 if any("attention" in op or "bmm" in op for op in ops) else \
         attention_flops(base.config, *ids.shape)
