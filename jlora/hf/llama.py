@@ -150,7 +150,8 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
     ``transformers.PreTrainedTokenizerFast`` (no torch; ``save_pretrained`` writes tokenizer.json).
 
     Control tokens (type 3, e.g. ``<|im_start|>``) become special tokens; digits are split one by
-    one before byte-level BPE, as SmolLM2's own tokenizer does (GGUF pre-tokenizer ``smollm``).
+    one before byte-level BPE, as SmolLM2's own tokenizer does (GGUF pre-tokenizer ``smollm``); the
+    file's ``tokenizer.chat_template``, when it has one, becomes the tokenizer's chat template.
     """
     import gguf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -175,4 +176,7 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
     fast.bos_token, fast.eos_token = tokens[ids["bos"]], tokens[ids["eos"]]
     if ids["padding"] >= 0:
         fast.pad_token = tokens[ids["padding"]]
+    template = reader.fields.get("tokenizer.chat_template")
+    if template is not None:  # the model's own chat format (SmolLM2-Instruct: <|im_start|>role ... <|im_end|>)
+        fast.chat_template = bytes(template.parts[-1]).decode("utf-8")
     return fast
