@@ -66,7 +66,7 @@ import jax  # noqa: E402
 from gpt2_workload import (RANK, build_jax, gpt2_config, jax_inference, measure_jax, measure_torch,  # noqa: E402
                            prepare_jax, prepare_torch)
 from machine import CpuLoad, loadavg, machine_info, machine_line, matmul_probes, wait_quiet  # noqa: E402
-from timing import alternate, paired, round_medians  # noqa: E402
+from timing import alternate, paired, round_medians, spread, summary  # noqa: E402
 from memory_theory import floor, live_bytes, state_bytes  # noqa: E402
 from llama_workload import (LLAMA_INFERENCE_SHAPES, LLAMA_WORKLOADS, measure_jax_llama,  # noqa: E402
                             measure_torch_llama, mfu, model_flops_per_step, peak_flops)
@@ -261,16 +261,6 @@ def run_llama(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, str, li
 ALTERNATION_ORDER = ("jlora_lora", "peft_lora", "jlora_full", "torch_full", "xla_matmul", "torch_matmul")
 RATIOS = (("jlora_lora", "peft_lora"), ("jlora_lora", "jlora_full"), ("peft_lora", "torch_full"),
           ("jlora_full", "torch_full"), ("xla_matmul", "torch_matmul"))
-
-
-def spread(r: dict, fmt: str = ".2f") -> str:
-    return f"{r['median']:{fmt}} ({r['min']:{fmt}}–{r['max']:{fmt}})"
-
-
-def summary(values: list[float]) -> dict:
-    import statistics
-    return {"per_round": values, "median": statistics.median(values), "min": min(values), "max": max(values),
-            "rounds": len(values)}
 
 
 def run_gpt2(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, dict, list[str]]:

@@ -38,7 +38,7 @@ import jlora.intercept
 import legacy_paths
 import op_profile
 from machine import CpuLoad, machine_info, machine_line, matmul_probes, wait_quiet
-from timing import alternate, paired, round_medians
+from timing import alternate, paired, round_medians, spread
 
 GPT2 = {"W1": dict(n_layer=4, n_embd=256, n_head=4, batch=8, seq=128),
         "W2": dict(n_layer=12, n_embd=768, n_head=12, batch=8, seq=128),
@@ -148,7 +148,7 @@ def main() -> None:
     matmul = round_medians(timed, "xla_matmul")
     print(machine_line(result["machine"]))
     print(f"workload {args.workload}: {len(quiet)} of {args.rounds} rounds quiet; step {flops / 1e9:.1f} GFLOP (XLA)")
-    print("| variant | step (s), median | / issue10, median (min-max) | GFLOP/s | share of XLA matmul |")
+    print("| variant | step (s), median | / issue10, median (min–max) | GFLOP/s | share of XLA matmul |")
     print("| --- | --- | --- | --- | --- |")
     for name in variants:
         steps = round_medians(timed, name)
@@ -156,8 +156,8 @@ def main() -> None:
         share = statistics.median(flops / s / (probe_flops / m) for s, m in zip(steps, matmul))
         result["variants"][name] = {"step_s": statistics.median(steps), "per_round_s": steps, "vs_issue10": ratio,
                                     "gflops_per_s": flops / statistics.median(steps) / 1e9, "matmul_share": share}
-        print(f"| {name} | {statistics.median(steps):.3f} | {ratio['median']:.3f} ({ratio['min']:.3f}-"
-              f"{ratio['max']:.3f}) | {flops / statistics.median(steps) / 1e9:.0f} | {share:.2f} |")
+        print(f"| {name} | {statistics.median(steps):.3f} | {spread(ratio, '.3f')} | "
+              f"{flops / statistics.median(steps) / 1e9:.0f} | {share:.2f} |")
     print(f"XLA {args.matmul_n}^2 fp32 matmul: {probe_flops / statistics.median(matmul) / 1e9:.0f} GFLOP/s")
     if args.profile:
         result["profile"] = profile(variants)

@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 from machine import CpuLoad, loadavg, machine_info, machine_line, matmul_probes, wait_quiet
-from timing import alternate, paired, round_medians
+from timing import alternate, paired, round_medians, spread, summary
 
 NUM_LABELS, VOCAB_HIGH, SEED = 5, 30000, 0
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
@@ -146,15 +146,6 @@ def prepare_peft(path: Path, config: Any, data: dict[str, np.ndarray], threads: 
     return run, {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                  "torch_flops": counted, "attention_flops_added": attention, "matmul_flops": counted + attention,
                  "counted_ops": sorted(ops), "attn_implementation": getattr(base.config, "_attn_implementation", None)}
-
-
-def summary(values: list[float]) -> dict | None:
-    return {"per_round": values, "median": statistics.median(values), "min": min(values), "max": max(values),
-            "rounds": len(values)} if values else None
-
-
-def spread(r: dict | None, fmt: str = ".2f", scale: float = 1.0) -> str:
-    return "n/a" if not r else f"{r['median'] / scale:{fmt}} ({r['min'] / scale:{fmt}}–{r['max'] / scale:{fmt}})"
 
 
 def table(result: dict) -> str:

@@ -123,11 +123,20 @@ def round_medians(alternated: dict[str, Any], name: str) -> list[float]:
     return [statistics.median(r[name]) for r in alternated["rounds"]]
 
 
+def summary(values: list[float]) -> dict[str, Any] | None:
+    """``{"per_round", "median", "min", "max", "rounds"}`` of per-round values (None when there are none)."""
+    return {"per_round": values, "median": statistics.median(values), "min": min(values), "max": max(values),
+            "rounds": len(values)} if values else None
+
+
+def spread(r: dict[str, Any] | None, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """``"median (min–max)"`` of a :func:`summary`, each divided by ``scale``; "n/a" for None."""
+    return "n/a" if not r else f"{r['median'] / scale:{fmt}} ({r['min'] / scale:{fmt}}–{r['max'] / scale:{fmt}})"
+
+
 def paired(alternated: dict[str, Any], num: str, den: str) -> dict[str, Any]:
     """Ratio ``num / den`` per round (of the per-round medians), and its median, min and max over the rounds."""
-    ratios = [a / b for a, b in zip(round_medians(alternated, num), round_medians(alternated, den))]
-    return {"per_round": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "rounds": len(ratios)}
+    return summary([a / b for a, b in zip(round_medians(alternated, num), round_medians(alternated, den))])
 
 
 def time_inference(base_fwd: Callable, lora_fwd: Callable, params: Any, lora: Any, config: Any,
