@@ -25,8 +25,8 @@ only running sum is ``dh`` ``(N, d)``. The logits are saved from the forward pas
 recomputed: the FLOPs are those of the unfused recipe. (Blocks rather than one ``h @ W`` matmul:
 on XLA:CPU the ``(N, d) x (d, chunk)`` matmuls ran at ~310 GFLOP/s against ~265 for the whole
 ``(N, V)`` one, and the block-wise logsumexp needs no copy of the logits; the loss's forward plus
-backward took 0.87x (GPT-2 d=256) and 0.93x (d=768) of the row-block version it replaced.) When ``W`` is frozen (LoRA with the head not adapted) the
-``dW`` blocks are dead code that XLA removes.
+backward took 0.87x (GPT-2 d=256) and 0.93x (d=768) of the row-block version it replaced.) When
+``W`` is frozen (LoRA with the head not adapted) the ``dW`` blocks are dead code that XLA removes.
 
 The projection is applied here, so the model must hand over its final hidden states (for Hugging
 Face models: ``output_hidden_states=True`` and ``.hidden_states[-1]``; the unused logits of the
@@ -44,16 +44,30 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def next_token_targets(ids: Array) -> tuple[Array, Array]:
+def next_token_targets(ids: Array, token_weights: Array | None = None,
+                       segment_ids: Array | None = None) -> tuple[Array, Array]:
     """``(labels, weights)`` for next-token prediction over ``ids`` of shape ``(batch, seq)``.
 
     ``labels[:, t] = ids[:, t + 1]`` and the last position, which has no next token, gets label 0
     and weight 0, so that the logits need no ``[:, :-1]`` slice (a full copy of them).
+
+    ``token_weights`` (same shape): each token's weight as a target (e.g. 0 on a prompt, 1 on its
+    completion); position ``t`` gets ``token_weights[:, t + 1]``. ``segment_ids`` (same shape; packed
+    rows: 1, 2, ... per example, 0 on padding): position ``t`` gets weight 0 where token ``t + 1``
+    belongs to another example, or ``t`` is padding, so no example is predicted from another one.
     """
     if ids.ndim != 2:
         raise ValueError(f"ids: expected shape (batch, seq), got {ids.shape}")
-    labels = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    weights = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+    for name, value in (("token_weights", token_weights), ("segment_ids", segment_ids)):
+        if value is not None and value.shape != ids.shape:
+            raise ValueError(f"{name}: expected the shape of ids {ids.shape}, got {value.shape}")
+    shift = lambda x, fill: jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)  # noqa: E731
+    labels = shift(jnp.asarray(ids), 0)
+    weights = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0) if token_weights is None else \
+        shift(jnp.asarray(token_weights, jnp.float32), 0.0)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        weights = jnp.where((shift(segment_ids, -1) == segment_ids) & (segment_ids > 0), weights, 0.0)
     return labels, weights
 
 
@@ -137,10 +151,6 @@ def _fused(h: Array, kernel: Array, labels: Array, weights: Array, transposed: b
     return _forward(h, kernel, labels, weights, transposed, chunk_size)[0]
 
 
-def _fused_fwd(h, kernel, labels, weights, transposed, chunk_size):
-    return _forward(h, kernel, labels, weights, transposed, chunk_size)
-
-
 def _fused_bwd(transposed, chunk_size, residuals, g):
     h, kernel, labels, weights, blocks, tail, lse = residuals
     full, _, width = blocks.shape
@@ -174,4 +184,4 @@ def _fused_bwd(transposed, chunk_size, residuals, g):
     return dh.astype(h.dtype), dkernel, None, None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_forward, _fused_bwd)

@@ -103,3 +103,7 @@ def test_bad_input_names_the_argument(kwargs, message):
         lm_head_cross_entropy(**args)
     with pytest.raises(ValueError, match="ids: expected shape"):
         next_token_targets(jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"token_weights: expected the shape of ids \(2, 3\)"):
+        next_token_targets(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"segment_ids: expected the shape of ids \(2, 3\)"):
+        next_token_targets(jnp.zeros((2, 3), jnp.int32), segment_ids=jnp.ones((3,), jnp.int32))

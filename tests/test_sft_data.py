@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jlora.app import sft_data
-from jlora.app.sft_data import SftExample, encode, next_token_targets, pack, read_jsonl, read_text
+from jlora.app.sft_data import SftExample, encode, pack, read_jsonl, read_text
+from jlora.losses import next_token_targets
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,8 @@ def test_pack_keeps_examples_whole_with_positions_and_segments():
         assert list(packed["positions"][r[0], cols]) == list(range(len(ids)))
         assert list(packed["weights"][r[0], cols]) == list(weights)
     assert (packed["weights"][packed["segment_ids"] == 0] == 0).all()
-    labels, target_weights = next_token_targets(packed)
+    labels, target_weights = (np.asarray(x) for x in next_token_targets(
+        packed["input_ids"], packed["weights"], packed["segment_ids"]))
     # the last token of an example never predicts the first of the next one, padding never counts
     boundary = packed["segment_ids"][:, 1:] != packed["segment_ids"][:, :-1]
     assert (target_weights[:, :-1][boundary] == 0).all() and (target_weights[:, -1] == 0).all()

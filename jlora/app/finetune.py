@@ -234,6 +234,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         history.append({"step": 0, **evaluate(trainable, frozen, held)})
         print(f"step 0: held-out accuracy {history[-1]['eval_accuracy']:.4f} (before training)")
     completed, t0, seen = start - 1, time.time(), 0
+    dropout_root = dropout_key(options.seed)  # step s draws its masks from fold_in(dropout_root, s)
     bar = tqdm(range(start, options.steps), initial=start, total=options.steps, disable=not options.progress,
                desc="finetune", unit="step")
     try:
@@ -242,7 +243,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
             batch = {k: v[rows] for k, v in train.items()}
             if options.mesh > 1:
                 batch = jax.device_put(batch, data_sharding)
-            batch["rng"] = jax.random.fold_in(dropout_key(options.seed), step)
+            batch["rng"] = jax.random.fold_in(dropout_root, step)
             trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
             completed, seen = step, seen + options.batch
             row = {"step": step + 1, "loss": float(loss), "examples_per_s": seen / (time.time() - t0)}

@@ -21,7 +21,8 @@ an error naming the example.
 
 Packing puts several examples in one row of ``seq_len`` tokens (first fit, in order): ``segment_ids``
 (1, 2, ... per example, 0 for padding) and ``positions`` (restarting at 0 in each example) let the model
-keep examples apart (a segment mask in attention); padding has weight 0.
+keep examples apart (a segment mask in attention); padding has weight 0. The loss targets of packed
+rows are ``jlora.next_token_targets(input_ids, weights, segment_ids)``: never across examples.
 """
 from __future__ import annotations
 
@@ -186,13 +187,3 @@ def pack(encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int
             start = end
     return out
 
-
-def next_token_targets(packed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, weights)`` for the logits at each position of packed rows: position ``t`` predicts
-    token ``t + 1`` with that token's weight, and never across examples (0 where ``t + 1`` starts another
-    example or is padding, and at the last position)."""
-    ids, segments = packed["input_ids"], packed["segment_ids"]
-    labels = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
-    weights = np.concatenate([packed["weights"][:, 1:], np.zeros_like(packed["weights"][:, :1])], axis=1)
-    same = np.concatenate([segments[:, 1:] == segments[:, :-1], np.zeros_like(segments[:, :1], bool)], axis=1)
-    return labels, np.where(same & (segments > 0), weights, 0.0).astype(np.float32)
