@@ -1,6 +1,7 @@
 """``jlora``: the command line. ``jlora finetune`` runs the main job with the shipped defaults.
 
     jlora finetune [--model minilm|HF_DIR] [--data bbc-news|FILE.csv] [--rank 8] [--alpha 16] ...
+    jlora finetune --task causal-lm [--model smollm2|FILE.gguf|HF_DIR] [--data bbc-headlines|FILE.jsonl|FILE.txt]
     jlora eval --model RUN/merged [--data bbc-news]        held-out accuracy of an exported model
     jlora export --run RUN --format hf|peft --dest DIR     from a run's newest checkpoint
     jlora merge --run RUN --dest DIR                       the same as export --format hf
@@ -11,26 +12,34 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from jlora.app.finetune import MODES, FinetuneOptions
+from jlora.app.finetune import MODES, TASK_DEFAULTS, TASKS, FinetuneOptions
+
+
+def _default(name: str) -> str:
+    return " / ".join(f"{task}: {TASK_DEFAULTS[task][name]}" for task in TASKS)
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="LoRA fine-tune a pretrained encoder for text classification")
+    p = sub.add_parser("finetune", help="LoRA fine-tune an encoder classifier, or a decoder LLM (--task causal-lm)")
     d = FinetuneOptions()
-    p.add_argument("--model", default=d.model, help="'minilm' (shipped all-MiniLM-L6-v2) or an HF folder")
-    p.add_argument("--data", default=d.data, help="'bbc-news' (shipped) or a CSV with text,label columns")
-    p.add_argument("--out", default=d.out, help="run folder (metrics, plot, checkpoints, exports)")
+    p.add_argument("--task", default=d.task, choices=TASKS,
+                   help="classify (encoder + head) or causal-lm (SFT of a decoder, completion-only loss)")
+    p.add_argument("--model", default=None, help="classify: 'minilm' (shipped) or an HF folder; causal-lm: "
+                   "'smollm2' (shipped GGUF), a Llama .gguf file, or an HF folder (llama, mistral, gemma, gpt2)")
+    p.add_argument("--data", default=None, help="classify: 'bbc-news' (shipped) or a CSV with text,label columns; "
+                   "causal-lm: 'bbc-headlines' (shipped), a JSONL of prompt/completion or chat rows, or a .txt")
+    p.add_argument("--out", default=None, help=f"run folder (default {_default('out')})")
     p.add_argument("--mode", default=d.mode, choices=MODES, help="what trains (lora: adapters + head)")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--targets", default=None, help="comma-separated module names (default: the family's W_q,W_v)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per mode)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--steps", type=int, default=None, help=f"default {_default('steps')}")
+    p.add_argument("--batch", type=int, default=None, help=f"rows per step (default {_default('batch')})")
+    p.add_argument("--max-length", type=int, default=None, help=f"tokens per example (default {_default('max_length')})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"default {_default('eval_every')}")
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mesh", type=int, default=d.mesh, help="data-parallel devices")
@@ -38,11 +47,21 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-export", action="store_true", help="skip the merged HF / PEFT exports")
     p.add_argument("--no-progress", action="store_true")
+    lm = p.add_argument_group("causal-lm")
+    lm.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training row")
+    lm.add_argument("--no-pack", action="store_true", help="one example per row instead of packing several")
+    lm.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per step (gradient accumulation)")
+    lm.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length of the evaluation")
+    lm.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples scored for perplexity")
+    lm.add_argument("--gen-examples", type=int, default=d.gen_examples,
+                    help="held-out prompts completed before/after training (ROUGE-L, samples.jsonl); 0: none")
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from jlora.app.finetune import finetune
     options = FinetuneOptions(
+        task=args.task, seq_len=args.seq_len, pack=not args.no_pack, accumulate=args.accumulate,
+        max_new_tokens=args.max_new_tokens, eval_examples=args.eval_examples, gen_examples=args.gen_examples,
         model=args.model, data=args.data, out=args.out, mode=args.mode, rank=args.rank, alpha=args.alpha,
         targets=tuple(t for t in args.targets.split(",") if t) if args.targets else None, lr=args.lr,
         steps=args.steps, batch=args.batch, max_length=args.max_length, eval_every=args.eval_every,
@@ -85,6 +104,10 @@ def _run_export(args: argparse.Namespace) -> int:
     if not info.get("lora_config"):
         raise ValueError(f"--run: {run} was a --mode {info['options']['mode']} run; only lora runs export adapters")
     options = FinetuneOptions(**{k: v for k, v in info["options"].items() if k in FinetuneOptions.__annotations__})
+    if options.task == "causal-lm":
+        return _export_causal_lm(args, run, options, LoraConfig.from_dict(info["lora_config"]))
+    if args.format not in ("hf", "peft"):
+        raise ValueError(f"--format {args.format}: a classification run exports as hf or peft")
     model, params, config, trainable, frozen = build(options, len(info["labels"]))
     if config != LoraConfig.from_dict(info["lora_config"]):
         raise ValueError(f"--run: {run}/run.json's LoRA config does not match the rebuilt one")
@@ -100,12 +123,47 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_causal_lm(args: argparse.Namespace, run: Path, options: FinetuneOptions, config: Any) -> int:
+    import jax
+    from jlora.app.causal_lm import load_causal_lm
+    from jlora.app.finetune import make_optimizer
+    from jlora.app.lm_job import export_all
+    from jlora.checkpoint import AdapterCheckpointer
+    from jlora.core import init
+    from jlora.hf.export import atomic_dir, export_merged
+    from jlora.hf.peft import save_peft
+    from jlora.optim import split
+
+    lm = load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens))
+    if args.format == "gguf" and not (lm.family == "llama" and lm.gguf):
+        raise ValueError(f"--format gguf: GGUF export is for Llama models loaded from GGUF; {lm.source} is not one")
+    trainable, frozen = split(lm.params, init(jax.random.key(0), lm.params, config), config)
+    opt_state = jax.eval_shape(make_optimizer(options, config).init, trainable)
+    with AdapterCheckpointer(run / "checkpoints", config, lm.params) as checkpointer:
+        step, trainable, _ = checkpointer.restore(trainable, opt_state)
+    if args.format == "hf":
+        dest = export_merged(args.dest, lm.model, frozen, trainable, config, tokenizer=lm.tokenizer,
+                             overwrite=args.overwrite)
+    elif args.format == "peft":
+        dest = save_peft(args.dest, lm.model, trainable, config, overwrite=args.overwrite)
+    elif args.format == "gguf":
+        from jlora.hf.gguf_export import export_gguf
+        dest = export_gguf(args.dest, lm.model, frozen, trainable, config, source_gguf=lm.gguf, overwrite=args.overwrite)
+    else:
+        with atomic_dir(args.dest, overwrite=args.overwrite) as tmp:
+            export_all(tmp, lm, frozen, trainable, config)
+        dest = args.dest
+    print(f"exported step {step} of {run} as {args.format} to {dest}")
+    return 0
+
+
 def _export_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--run", required=True, help="a jlora finetune --out folder")
     p.add_argument("--dest", required=True, help="folder to write (refused if it exists, unless --overwrite)")
     if name == "export":
-        p.add_argument("--format", choices=("hf", "peft"), default="hf")
+        p.add_argument("--format", choices=("hf", "peft", "gguf", "all"), default="hf",
+                       help="hf, peft; gguf and all (every format, each in its subfolder) for causal-lm runs")
     p.add_argument("--overwrite", action="store_true")
 
 

@@ -1,4 +1,8 @@
-"""The main job: LoRA fine-tuning of a pretrained HF encoder for text classification, end to end.
+"""``jlora finetune``: the options of both tasks, and the classification task end to end.
+
+``task="classify"`` (the default, below) fine-tunes a pretrained HF encoder for text
+classification; ``task="causal-lm"`` is supervised fine-tuning of a decoder LLM
+(:mod:`jlora.app.lm_job`). Both train through the one loop of :mod:`jlora.app.loop`.
 
 ``finetune(FinetuneOptions(...))`` (and ``jlora finetune``): tokenize a shipped or CSV dataset,
 split off a stratified held-out set, load the pretrained weights (default: all-MiniLM-L6-v2 from
@@ -15,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +30,37 @@ import optax
 from jlora.checkpoint import AdapterCheckpointer
 from jlora.config import LoraConfig
 from jlora.app.data import TextDataset, load_dataset
-from jlora.app.report import plot_metrics, read_metrics, write_metrics
+from jlora.app.report import plot_metrics, read_metrics
 
 MODES = ("lora", "head", "full")
+TASKS = ("classify", "causal-lm")
 DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 1e-4}
+# per-task defaults of the options left None
+TASK_DEFAULTS = {
+    "classify": {"model": "minilm", "data": "bbc-news", "out": "runs/bbc-minilm-lora", "steps": 300, "batch": 16,
+                 "max_length": 128, "eval_every": 50},
+    "causal-lm": {"model": "smollm2", "data": "bbc-headlines", "out": "runs/bbc-headlines-smollm2", "steps": 60,
+                  "batch": 4, "max_length": 192, "eval_every": 20, "lr": 1e-3},
+}
 
 
 @dataclasses.dataclass
 class FinetuneOptions:
-    """Settings of one run (the ``jlora finetune`` flags)."""
+    """Settings of one run (the ``jlora finetune`` flags); None means the task's default."""
 
-    model: str = "minilm"
-    data: str = "bbc-news"
-    out: str = "runs/bbc-minilm-lora"
+    task: str = "classify"
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None
     mode: str = "lora"
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] | None = None
     lr: float | None = None
-    steps: int = 300
-    batch: int = 16
-    max_length: int = 128
-    eval_every: int = 50
+    steps: int | None = None
+    batch: int | None = None
+    max_length: int | None = None
+    eval_every: int | None = None
     eval_fraction: float = 0.2
     seed: int = 0
     mesh: int = 1
@@ -56,15 +68,48 @@ class FinetuneOptions:
     overwrite: bool = False
     export: bool = True
     progress: bool = True
+    # causal-lm only
+    seq_len: int = 384
+    pack: bool = True
+    accumulate: int = 1
+    max_new_tokens: int = 24
+    eval_examples: int = 64
+    gen_examples: int = 16
+
+    def resolved(self) -> "FinetuneOptions":
+        """A copy with the task's defaults filled in, checked."""
+        if self.task not in TASKS:
+            raise ValueError(f"--task: expected one of {TASKS}, got {self.task!r}")
+        filled = {k: v for k, v in TASK_DEFAULTS[self.task].items() if getattr(self, k) is None}
+        options = dataclasses.replace(self, **filled)
+        options.check()
+        return options
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode: expected one of {MODES}, got {self.mode!r}")
-        for name in ("rank", "steps", "batch", "max_length", "eval_every", "mesh"):
+        names = ("rank", "steps", "batch", "max_length", "eval_every", "mesh", "seq_len", "accumulate",
+                 "max_new_tokens")
+        for name in names:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("eval_examples", "gen_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
         if self.batch % self.mesh:
             raise ValueError(f"--batch {self.batch} does not split over --mesh {self.mesh} devices")
+        if self.task == "causal-lm":
+            if self.mode != "lora":
+                raise ValueError(f"--mode {self.mode}: the causal-lm task trains LoRA adapters only (--mode lora)")
+            if self.mesh != 1:
+                raise ValueError("--mesh: the causal-lm task runs on one device for now")
+            if self.max_length > self.seq_len:
+                raise ValueError(f"--max-length {self.max_length} is longer than --seq-len {self.seq_len}: "
+                                 "an example must fit in a row")
+            if self.batch % self.accumulate:
+                raise ValueError(f"--batch {self.batch} does not split into --accumulate {self.accumulate} micro-batches")
+        elif self.accumulate != 1:
+            raise ValueError("--accumulate: only the causal-lm task accumulates gradients")
 
 
 def model_dir(name: str) -> Path:
@@ -181,14 +226,22 @@ def make_evaluator(model: Any, f: Any, batch: int = 64) -> Any:
 
 
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
-    """Run the job; returns the final metrics (also in ``<out>/final.json``)."""
+    """Run the job (either task); returns the final metrics (also in ``<out>/final.json``)."""
+    options = options.resolved()
+    if options.task == "causal-lm":
+        from jlora.app.lm_job import run
+        return run(options)
+    return classify(options)
+
+
+def classify(options: FinetuneOptions) -> dict[str, Any]:
+    """The classification task for resolved options."""
     import transformers
-    from tqdm import tqdm
+    from jlora.app.loop import Loop, run as run_loop
     from jlora.intercept import apply
     from jlora.summary import count
     from jlora.train import make_train_step
 
-    options.check()
     out = prepare_out(options)
     dataset = load_dataset(options.data)
     train_set, held_set = dataset.split(options.eval_fraction, options.seed)
@@ -213,6 +266,7 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
                               donate=False)
     evaluate = make_evaluator(model, f)
 
+    data_sharding = None
     if options.mesh > 1:
         from jax.sharding import NamedSharding, PartitionSpec as P
         mesh = jax.make_mesh((options.mesh,), ("data",), devices=jax.devices()[:options.mesh],
@@ -233,45 +287,24 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     if start == 0:
         history.append({"step": 0, **evaluate(trainable, frozen, held)})
         print(f"step 0: held-out accuracy {history[-1]['eval_accuracy']:.4f} (before training)")
-    completed, t0, seen = start - 1, time.time(), 0
     dropout_root = dropout_key(options.seed)  # step s draws its masks from fold_in(dropout_root, s)
-    bar = tqdm(range(start, options.steps), initial=start, total=options.steps, disable=not options.progress,
-               desc="finetune", unit="step")
-    try:
-        for step in bar:
-            rows = batch_indices(step, len(train["labels"]), options.batch, options.seed)
-            batch = {k: v[rows] for k, v in train.items()}
-            if options.mesh > 1:
-                batch = jax.device_put(batch, data_sharding)
-            batch["rng"] = jax.random.fold_in(dropout_root, step)
-            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
-            completed, seen = step, seen + options.batch
-            row = {"step": step + 1, "loss": float(loss), "examples_per_s": seen / (time.time() - t0)}
-            history.append(row)  # before anything an interrupt could cut short; eval adds to it
-            bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
-            if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
-                row.update(evaluate(trainable, frozen, held))
-                bar.write(f"step {step + 1}: loss {row['loss']:.4f}, held-out accuracy {row['eval_accuracy']:.4f}")
-                if checkpointer:
-                    checkpointer.save(step, trainable, opt_state, metrics=row)
-            if (step + 1) % options.eval_every == 0:
-                write_metrics(out, history)
-    except KeyboardInterrupt:
-        bar.close()
-        if checkpointer and completed >= start:
-            checkpointer.save(completed, trainable, opt_state, metrics={"interrupted": True})
-            checkpointer.close()
-            write_metrics(out, [row for row in history if row["step"] <= completed + 1])
-            print(f"\ninterrupted after step {completed + 1}: checkpoint saved in {out / 'checkpoints'}; "
-                  f"continue with the same command plus --resume")
-        raise
-    bar.close()
-    write_metrics(out, history)
+
+    def batch_at(step: int) -> dict[str, Any]:
+        batch = {k: v[batch_indices(step, len(train["labels"]), options.batch, options.seed)] for k, v in train.items()}
+        if data_sharding is not None:
+            batch = jax.device_put(batch, data_sharding)
+        return {**batch, "rng": jax.random.fold_in(dropout_root, step)}
+
+    loop = Loop(step_fn=step_fn, batch_at=batch_at, evaluate=lambda t: evaluate(t, frozen, held),
+                units=lambda b: {"examples": int(b["labels"].shape[0])}, out=out, steps=options.steps,
+                eval_every=options.eval_every, checkpointer=checkpointer, progress=options.progress,
+                describe=lambda r: f"held-out accuracy {r['eval_accuracy']:.4f}")
+    trainable, opt_state, seconds = run_loop(loop, trainable, frozen, opt_state, start, history)
     plot = plot_metrics(out, history, f"{options.mode} on {dataset.source} ({Path(str(options.model)).name})")
     if checkpointer:
         checkpointer.close()
     final = {**{k: v for k, v in history[-1].items()}, "trainable_params": int(n_trainable),
-             "base_params": int(n_base), "train_seconds": round(time.time() - t0, 1), "plot": str(plot)}
+             "base_params": int(n_base), "train_seconds": round(seconds, 1), "plot": str(plot)}
     if options.export and config is not None:
         from jlora.hf.export import export_merged
         from jlora.hf.peft import save_peft

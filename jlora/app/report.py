@@ -36,20 +36,24 @@ def read_metrics(out: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 
 def plot_metrics(out: Path, history: list[dict[str, Any]], title: str) -> Path:
-    """``metrics.png``: training loss (left) and held-out accuracy (right) against the step."""
+    """``metrics.png``: training loss (left) and the held-out metric (right: accuracy for
+    classification, perplexity for a causal LM) against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [r for r in history if "loss" in r]
-    evals = [r for r in history if "eval_accuracy" in r]
+    metric = "eval_accuracy" if any("eval_accuracy" in r for r in history) else "eval_perplexity"
+    evals = [r for r in history if metric in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         left.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
-        right.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", color="tab:green")
+        right.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="tab:green")
     left.set_xlabel("step"), left.set_ylabel("cross-entropy"), left.legend()
-    right.set_xlabel("step"), right.set_ylabel("held-out accuracy"), right.set_ylim(0, 1.02)
+    right.set_xlabel("step"), right.set_ylabel(metric.replace("eval_", "held-out "))
+    if metric == "eval_accuracy":
+        right.set_ylim(0, 1.02)
     fig.suptitle(title)
     fig.tight_layout()
     path = out / "metrics.png"

