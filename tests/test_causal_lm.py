@@ -198,3 +198,41 @@ def test_gpt2_trains_unpacked_and_refuses_packing(tmp_path, tokenizer):
     np.testing.assert_allclose(float(fused), float(plain), rtol=2e-5)
     done = jlora_cli("finetune", *TINY, "--model", folder, "--out", tmp_path / "run")
     assert done.returncode == 2 and "Pass --no-pack" in done.stderr
+
+
+def test_gguf_model_in_merged_gguf_out(tmp_path):
+    """A Llama GGUF file (tiny, random, SmolLM2's tokenizer fields) fine-tuned from the CLI: the merged
+    GGUF it writes reads back through jlora's loader with the logits of the merged HF export."""
+    from jlora.hf.gguf_export import export_gguf
+    from jlora.hf.llama import read_gguf_llama
+
+    model = FlaxLlamaForCausalLMFixed(tiny_llama_config(), seed=0)
+    source = export_gguf(tmp_path / "tiny.gguf", model, model.params, None, None,
+                         source_gguf=jlora.hf.smollm2_gguf_path())
+    out = tmp_path / "run"
+    done = jlora_cli("finetune", *TINY, "--model", source, "--out", out, "--steps", "2", "--eval-every", "2",
+                     "--gen-examples", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    config, params = read_gguf_llama(out / "merged.gguf")
+    assert config.tie_word_embeddings and config.rope_theta == 100000.0
+    hf = FlaxLlamaForCausalLMFixed.from_pretrained(out / "merged", from_pt=True)
+    ids = np.arange(3, 40, dtype=np.int32)[None]
+    from_gguf = FlaxLlamaForCausalLMFixed(config, _do_init=False)(ids, params=params).logits
+    from_hf = hf(ids, params={k: v for k, v in hf.params.items() if k != "lm_head"}).logits
+    np.testing.assert_allclose(np.asarray(from_gguf), np.asarray(from_hf), atol=1e-5)
+    base = FlaxLlamaForCausalLMFixed(config, _do_init=False)(ids, params=read_gguf_llama(source)[1]).logits
+    assert np.abs(np.asarray(base) - np.asarray(from_gguf)).max() > 1e-4  # the adapter was folded in
+
+
+def test_merged_export_generates_the_same_greedy_tokens_in_pytorch(tiny_model, tmp_path, tokenizer):
+    torch = pytest.importorskip("torch")
+    from jlora.generate import generate
+
+    lm, config, trainable, frozen, f = _setup(tiny_model)
+    out = jlora.hf.export_merged(tmp_path / "merged", lm.model, frozen, trainable, config, tokenizer=lm.tokenizer)
+    prompt = np.asarray(tokenizer("The headline of the article is")["input_ids"], np.int32)[None]
+    ours = np.asarray(generate(lm.model, frozen, prompt, lora=trainable, config=config, max_new_tokens=8))
+    torch_model = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    theirs = torch_model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=8, do_sample=False,
+                                  attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()[:, prompt.shape[1]:]
+    np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)

@@ -157,7 +157,10 @@ def export_all(out: Path, lm: clm.CausalLM, frozen: Any, trainable: Any, config:
                                         overwrite=overwrite)),
             "adapter": str(save_peft(out / "adapter", lm.model, trainable, config, overwrite=overwrite))}
     if lm.family == "llama" and lm.gguf:
+        import gguf
         from jlora.hf.gguf_export import export_gguf
+        from jlora.hf.llama import _field
+        context = _field(gguf.GGUFReader(lm.gguf), "llama.context_length")  # the source's, not the run's cap
         done["gguf"] = str(export_gguf(out / "merged.gguf", lm.model, frozen, trainable, config,
-                                       source_gguf=lm.gguf, overwrite=overwrite))
+                                       source_gguf=lm.gguf, context_length=int(context), overwrite=overwrite))
     return done
