@@ -27,8 +27,8 @@ import jax
 from jlora.config import LoraConfig, check_config
 from jlora.core import init
 from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
-from jlora.layerkinds import (KernelLayout, as_function, contracted_axes, is_adaptable, observe_layers,
-                               tables_read_transposed)
+from jlora.layerkinds import (KernelLayout, as_function, contracted_axes, discover, is_adaptable,
+                               is_registered_model, observe_layers, tables_read_transposed)
 from jlora.plan import AdapterPlan, Target, make_plan
 from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten, kernel_paths, module_path
 
@@ -192,7 +192,10 @@ def find_layouts(fn: Callable, params: Tree, *args: Any, **kwargs: Any) -> dict[
     """Every adaptable kernel's :class:`KernelLayout`, read off ``fn`` (``jax.eval_shape``, no FLOPs).
 
     Rarely needed: ``jlora.init(..., model=fn, inputs=...)`` and ``jlora.apply(fn, config).init``
-    read the same facts themselves.
+    read the same facts themselves. An HF Flax model needs no ``args`` (it runs on dummy inputs).
     """
-    facts, _ = observe_layers(as_function(fn, "jlora.find_layouts"), params, *args, **kwargs)
+    if not args and not kwargs and is_registered_model(fn):
+        facts, _ = discover(fn, params, None)
+    else:
+        facts, _ = observe_layers(as_function(fn, "jlora.find_layouts"), params, *args, **kwargs)
     return {path: fact.layout for path, fact in facts.items()}

@@ -79,6 +79,11 @@ def _model_kind(model: Any):
     return next((kind for kind in _MODEL_KINDS if kind[0](model)), None)
 
 
+def is_registered_model(obj: Any) -> bool:
+    """Whether ``obj`` is a model object of a registered kind (e.g. an HF Flax model)."""
+    return _model_kind(obj) is not None
+
+
 def as_function(fn: Any, caller: str = "jlora.apply") -> Callable:
     """``fn`` itself, or for a registered model object (an HF Flax model) its params function."""
     kind = _model_kind(fn)

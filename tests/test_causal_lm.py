@@ -236,3 +236,69 @@ def test_merged_export_generates_the_same_greedy_tokens_in_pytorch(tiny_model, t
     theirs = torch_model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=8, do_sample=False,
                                   attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()[:, prompt.shape[1]:]
     np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+
+
+def _losses(run):
+    return [r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+MESH_FLAGS = [*TINY, "--batch", "8", "--steps", "3", "--eval-every", "3", "--gen-examples", "0", "--no-export"]
+
+
+@pytest.mark.parametrize("mesh", ["data=2,fsdp=4", "data=2,tensor=4"])
+def test_fsdp_and_tensor_parallel_meshes_give_the_losses_of_one_device(tiny_model, tmp_path, mesh):
+    single = jlora_cli("finetune", *MESH_FLAGS, "--model", tiny_model, "--out", tmp_path / "one")
+    sharded = jlora_cli("finetune", *MESH_FLAGS, "--model", tiny_model, "--out", tmp_path / "mesh", "--mesh", mesh)
+    assert single.returncode == 0 and sharded.returncode == 0, single.stderr[-2000:] + sharded.stderr[-2000:]
+    assert f"mesh {dict(parse(mesh))}" in sharded.stdout
+    np.testing.assert_allclose(np.array(_losses(tmp_path / "mesh")[1:], float),
+                               np.array(_losses(tmp_path / "one")[1:], float), rtol=2e-5)
+
+
+def parse(mesh):
+    from jlora.app.pods import parse_mesh
+    return parse_mesh(mesh).items()
+
+
+def test_two_processes_give_the_losses_of_one(tiny_model, tmp_path):
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent / "workers"))
+    from launch import run_workers
+
+    single = jlora_cli("finetune", *MESH_FLAGS, "--model", tiny_model, "--out", tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-2000:]
+    flags = [*MESH_FLAGS[:-1], "--model", tiny_model, "--out", tmp_path / "two", "--mesh", "data=2,fsdp=2"]
+    logs = run_workers(Path(__file__).parent / "workers" / "cli_worker.py", *flags, timeout=600)
+    assert "over 2 process(es)" in logs[0]
+    np.testing.assert_allclose(np.array(_losses(tmp_path / "two")[1:], float),
+                               np.array(_losses(tmp_path / "one")[1:], float), rtol=2e-5)
+    assert (tmp_path / "two" / "merged" / "model.safetensors").is_file()  # exported once, from gathered adapters
+
+
+def test_mesh_flag_is_checked():
+    from jlora.app.pods import parse_mesh
+    assert parse_mesh("4") == {"data": 4} and parse_mesh("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
+    for bad, message in [("data=2,model=4", "AXIS one of"), ("data=0", "positive integer"), ("data=2,data=2", "twice"),
+                         ("fsdp", "AXIS=SIZE")]:
+        with pytest.raises(ValueError, match=message):
+            parse_mesh(bad)
+
+
+def test_remat_and_bfloat16_options(tiny_model, tokenizer):
+    batch = clm.rows(_examples(tokenizer, 4), 128, packed=True, pad_id=2)
+    results = {}
+    for name, kwargs in {"plain": {}, "remat": {"remat": True}, "bf16": {"dtype": "bfloat16"}}.items():
+        lm = clm.load_causal_lm(str(tiny_model), max_positions=256, **kwargs)
+        config = jlora.hf.default_config(lm.model, r=4, lora_alpha=8)
+        lora = jax.tree_util.tree_map(lambda x: x + 0.05, jlora.init(jax.random.key(0), lm.params, config))
+        trainable, frozen = jlora.split(lm.params, lora, config)
+        step = jax.jit(jax.value_and_grad(clm.make_loss(lm, jlora.apply(lm.model, config))))
+        results[name] = step(trainable, frozen, batch)
+        if name == "remat":
+            assert type(lm.model).__name__ == "FlaxLlamaForCausalLMRemat"
+    (lp, gp), (lr, gr), (lb, gb) = results["plain"], results["remat"], results["bf16"]
+    np.testing.assert_allclose(float(lr), float(lp), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(gr), jax.tree_util.tree_leaves(gp)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(lb), float(lp), rtol=2e-2)  # bfloat16 activations, float32 loss
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(gb))

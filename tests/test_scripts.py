@@ -67,3 +67,16 @@ def test_main_job_step_benchmark_on_a_tiny_bert(tmp_path):
     ratio = result["alternation"]["ratios"]["jlora_lora/peft_lora"]
     assert ratio["rounds"] == 2 and ratio["median"] > 0
     assert result["jlora_lora"]["trainable"] == result["peft_lora"]["trainable"] > 0
+
+
+def test_sft_step_benchmark_on_a_tiny_config(tmp_path):
+    out = run(ROOT / "benchmarks" / "sft_step.py", "--tiny", "--rounds", "1", "--steps", "1", "--out", tmp_path)
+    result = json.loads((tmp_path / "sft_step.json").read_text())
+    assert "jlora / PEFT step time" in out and "| tokens/s (non-padding, median step) |" in out
+    assert result["jlora_lora"]["step_s"] > 0 and result["peft_lora"]["step_s"] > 0
+    same = result["equivalence"]  # the same step: both losses at the initial (lora_b = 0) adapter
+    assert abs(same["jlora_loss"] - same["torch_loss"]) <= 1e-4 * same["torch_loss"] and same["torch_loss"] > 1
+    assert same["packed_logits_max_abs_diff"] <= 2e-3
+    q, v = 64 * 8 + 8 * 64, 64 * 8 + 8 * 32  # r=8 on q_proj (64 -> 64) and v_proj (64 -> 32: 2 kv heads of 16)
+    assert result["jlora_lora"]["trainable"] == result["peft_lora"]["trainable"] == 2 * (q + v)
+    assert result["jlora_lora"]["peak_bytes"] > 0 and result["peft_lora"]["peak_bytes"] > 0

@@ -70,13 +70,15 @@ def _head(family: str, params: Any) -> tuple[str, str, bool]:
     return module, leaf, True
 
 
-def load_causal_lm(name: str, *, max_positions: int) -> CausalLM:
+def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False) -> CausalLM:
     """``smollm2``, a Llama ``.gguf`` file, or an HF folder of a supported family (see module doc).
 
-    ``max_positions`` caps ``max_position_embeddings`` (Flax causal LMs build a max_pos² mask).
+    ``max_positions`` caps ``max_position_embeddings`` (Flax causal LMs build a max_pos² mask);
+    ``dtype`` is the computation dtype (params stay float32); ``remat`` (Llama family) recomputes
+    each decoder layer's activations in the backward pass.
     """
     import transformers
-    from jlora.hf.llama import FlaxLlamaForCausalLMFixed, load_gguf_llama, read_gguf_tokenizer
+    from jlora.hf.llama import FlaxLlamaForCausalLMFixed, FlaxLlamaForCausalLMRemat, load_gguf_llama, read_gguf_tokenizer
 
     transformers.logging.set_verbosity_error()
     path = Path(name)
@@ -86,7 +88,8 @@ def load_causal_lm(name: str, *, max_positions: int) -> CausalLM:
             path = smollm2_gguf_path()
         elif not path.is_file():
             raise FileNotFoundError(f"--model: {name!r}: no such GGUF file")
-        model, params = load_gguf_llama(path, max_position_embeddings=max_positions)
+        model, params = load_gguf_llama(path, max_position_embeddings=max_positions, dtype=jnp.dtype(dtype),
+                                        remat=remat)
         return CausalLM(model, params, read_gguf_tokenizer(path), str(path), "llama", *_head("llama", params),
                         gguf=str(path))
     if not (path / "config.json").is_file():
@@ -96,10 +99,13 @@ def load_causal_lm(name: str, *, max_positions: int) -> CausalLM:
     if config.model_type not in FAMILIES:
         raise ValueError(f"--model: {path} is a {config.model_type!r} model; the causal-LM task supports "
                          f"{', '.join(FAMILIES)} (HF folders) and Llama-architecture GGUF files")
+    if remat and config.model_type != "llama":
+        raise ValueError(f"--remat: jlora rematerializes Llama-family layers; {path} is a {config.model_type!r} model")
     config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
     has_flax = (path / "flax_model.msgpack").is_file()
-    cls = FlaxLlamaForCausalLMFixed if config.model_type == "llama" else transformers.FlaxAutoModelForCausalLM
-    model = cls.from_pretrained(path, config=config, from_pt=not has_flax)
+    cls = transformers.FlaxAutoModelForCausalLM if config.model_type != "llama" else \
+        FlaxLlamaForCausalLMRemat if remat else FlaxLlamaForCausalLMFixed
+    model = cls.from_pretrained(path, config=config, from_pt=not has_flax, dtype=jnp.dtype(dtype))
     params = model.params
     if config.model_type == "llama" and config.tie_word_embeddings and "lm_head" in params:
         params = {k: v for k, v in params.items() if k != "lm_head"}

@@ -42,7 +42,12 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=None, help=f"default {_default('eval_every')}")
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--mesh", type=int, default=d.mesh, help="data-parallel devices")
+    p.add_argument("--mesh", default=None, help="named mesh axes over the devices, e.g. data=2,fsdp=4 or "
+                   "data=2,tensor=4 (a bare N: data=N); default one device")
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0 (jax.distributed; "
+                   "or the environment variables jax reads, e.g. JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: the number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-export", action="store_true", help="skip the merged HF / PEFT exports")
@@ -51,16 +56,39 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training row")
     lm.add_argument("--no-pack", action="store_true", help="one example per row instead of packing several")
     lm.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per step (gradient accumulation)")
+    lm.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"),
+                    help="computation dtype (params, adapters and the loss stay float32)")
+    lm.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass")
     lm.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length of the evaluation")
     lm.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples scored for perplexity")
     lm.add_argument("--gen-examples", type=int, default=d.gen_examples,
                     help="held-out prompts completed before/after training (ROUGE-L, samples.jsonl); 0: none")
 
 
+def _start_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` from the flags, or from the environment (JAX_COORDINATOR_ADDRESS,
+    with JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a cluster jax detects: SLURM, Open MPI, TPU)."""
+    import os
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in flags):
+        if any(v is None for v in flags):
+            raise ValueError("--coordinator, --num-processes and --process-id go together (multi-host)")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id {args.process_id}: expected 0 <= id < --num-processes {args.num_processes}")
+    elif "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        return
+    import jax
+    env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+           if v in os.environ}
+    jax.distributed.initialize(args.coordinator, **({"num_processes": args.num_processes,
+                                                     "process_id": args.process_id} if args.coordinator else env))
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from jlora.app.finetune import finetune
+    _start_distributed(args)
     options = FinetuneOptions(
-        task=args.task, seq_len=args.seq_len, pack=not args.no_pack, accumulate=args.accumulate,
+        task=args.task, seq_len=args.seq_len, dtype=args.dtype, remat=args.remat, pack=not args.no_pack, accumulate=args.accumulate,
         max_new_tokens=args.max_new_tokens, eval_examples=args.eval_examples, gen_examples=args.gen_examples,
         model=args.model, data=args.data, out=args.out, mode=args.mode, rank=args.rank, alpha=args.alpha,
         targets=tuple(t for t in args.targets.split(",") if t) if args.targets else None, lr=args.lr,
@@ -134,7 +162,8 @@ def _export_causal_lm(args: argparse.Namespace, run: Path, options: FinetuneOpti
     from jlora.hf.peft import save_peft
     from jlora.optim import split
 
-    lm = load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens))
+    lm = load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
+                        dtype=options.dtype)
     if args.format == "gguf" and not (lm.family == "llama" and lm.gguf):
         raise ValueError(f"--format gguf: GGUF export is for Llama models loaded from GGUF; {lm.source} is not one")
     trainable, frozen = split(lm.params, init(jax.random.key(0), lm.params, config), config)

@@ -63,7 +63,7 @@ class FinetuneOptions:
     eval_every: int | None = None
     eval_fraction: float = 0.2
     seed: int = 0
-    mesh: int = 1
+    mesh: str | None = None  # named axes, e.g. "data=2,fsdp=4" (jlora.app.pods); None: one device
     resume: bool = False
     overwrite: bool = False
     export: bool = True
@@ -75,6 +75,8 @@ class FinetuneOptions:
     max_new_tokens: int = 24
     eval_examples: int = 64
     gen_examples: int = 16
+    dtype: str = "float32"  # computation dtype of the model (params and adapters stay float32)
+    remat: bool = False  # recompute each decoder layer's activations in the backward pass (Llama family)
 
     def resolved(self) -> "FinetuneOptions":
         """A copy with the task's defaults filled in, checked."""
@@ -88,28 +90,28 @@ class FinetuneOptions:
     def check(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode: expected one of {MODES}, got {self.mode!r}")
-        names = ("rank", "steps", "batch", "max_length", "eval_every", "mesh", "seq_len", "accumulate",
-                 "max_new_tokens")
+        names = ("rank", "steps", "batch", "max_length", "eval_every", "seq_len", "accumulate", "max_new_tokens")
         for name in names:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")
         for name in ("eval_examples", "gen_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
-        if self.batch % self.mesh:
-            raise ValueError(f"--batch {self.batch} does not split over --mesh {self.mesh} devices")
+        if self.mesh is not None:
+            from jlora.app.pods import parse_mesh
+            parse_mesh(self.mesh)
         if self.task == "causal-lm":
             if self.mode != "lora":
                 raise ValueError(f"--mode {self.mode}: the causal-lm task trains LoRA adapters only (--mode lora)")
-            if self.mesh != 1:
-                raise ValueError("--mesh: the causal-lm task runs on one device for now")
             if self.max_length > self.seq_len:
                 raise ValueError(f"--max-length {self.max_length} is longer than --seq-len {self.seq_len}: "
                                  "an example must fit in a row")
             if self.batch % self.accumulate:
                 raise ValueError(f"--batch {self.batch} does not split into --accumulate {self.accumulate} micro-batches")
-        elif self.accumulate != 1:
-            raise ValueError("--accumulate: only the causal-lm task accumulates gradients")
+            if self.dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"--dtype: expected float32 or bfloat16, got {self.dtype!r}")
+        elif self.accumulate != 1 or self.remat or self.dtype != "float32":
+            raise ValueError("--accumulate, --remat and --dtype are options of the causal-lm task")
 
 
 def model_dir(name: str) -> Path:
@@ -175,6 +177,33 @@ def build(options: FinetuneOptions, num_labels: int) -> tuple[Any, Any, LoraConf
     if options.mode == "head":
         return model, params, None, {head: params[head]}, {k: v for k, v in params.items() if k != head}
     return model, params, None, params, {}
+
+
+def _place_on_mesh(options: FinetuneOptions, model: Any, params: Any, config: LoraConfig | None,
+                   tx: optax.GradientTransformation, trainable: Any, frozen: Any) -> tuple[Any, Any]:
+    """``(pods, shardings)`` of ``--mesh``: base specs by the mesh's rules, the rest by ``plan_shardings``
+    (head/full modes: the trained leaves keep their base specs)."""
+    from jax.sharding import PartitionSpec as P
+    from jlora.app.pods import Pods
+    from jlora.intercept import find_layouts
+    from jlora.sharding import named, opt_state_specs
+    from jlora.train import Shardings, plan_shardings
+    from jlora.tree import flatten, unflatten
+
+    pods = Pods.build(options.mesh)
+    if options.batch % pods.rows_divisor:
+        raise ValueError(f"--batch {options.batch} does not split over the {pods.rows_divisor} devices of the mesh's "
+                         f"batch axes {pods.batch_axes}")
+    specs = pods.base_specs(params, find_layouts(model, params))
+    if config is not None:
+        return pods, plan_shardings(pods.mesh, params, specs, trainable, frozen, tx, config,
+                                    batch_spec=P(pods.batch_axes or None), model=model)
+    flat = flatten(specs, "specs")
+    pick = lambda tree: unflatten({k: flat[k] for k in flatten(tree, "tree")})  # noqa: E731
+    return pods, Shardings(trainable=named(pods.mesh, pick(trainable)),
+                           opt_state=named(pods.mesh, opt_state_specs(tx, trainable, pick(trainable))),
+                           frozen=named(pods.mesh, pick(frozen)) if frozen else {},
+                           batch=pods.batch_sharding, replicated=named(pods.mesh, P()))
 
 
 def dropout_key(seed: int) -> jax.Array:
@@ -266,14 +295,12 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
                               donate=False)
     evaluate = make_evaluator(model, f)
 
-    data_sharding = None
-    if options.mesh > 1:
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        mesh = jax.make_mesh((options.mesh,), ("data",), devices=jax.devices()[:options.mesh],
-                             axis_types=(jax.sharding.AxisType.Auto,))
-        data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-        trainable, opt_state = jax.device_put((trainable, opt_state), replicated)
-        frozen = jax.device_put(frozen, replicated)
+    pods = _place_on_mesh(options, model, params, config, tx, trainable, frozen) if options.mesh else None
+    if pods is not None:
+        pods, shardings = pods
+        trainable, opt_state, frozen = shardings.place(trainable, opt_state, frozen)
+        step_fn = make_train_step(lambda t, fz, b: _loss_and_logits(model, f, t, fz, b, b["rng"], True)[0], tx,
+                                  shardings, donate=False)
     start, history = 0, []
     if options.resume:
         if checkpointer is None:
@@ -291,14 +318,17 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
 
     def batch_at(step: int) -> dict[str, Any]:
         batch = {k: v[batch_indices(step, len(train["labels"]), options.batch, options.seed)] for k, v in train.items()}
-        if data_sharding is not None:
-            batch = jax.device_put(batch, data_sharding)
         return {**batch, "rng": jax.random.fold_in(dropout_root, step)}
+
+    def place(batch: dict[str, Any]) -> dict[str, Any]:
+        if pods is None:
+            return batch
+        return {**pods.put({k: v for k, v in batch.items() if k != "rng"}), "rng": batch["rng"]}
 
     loop = Loop(step_fn=step_fn, batch_at=batch_at, evaluate=lambda t: evaluate(t, frozen, held),
                 units=lambda b: {"examples": int(b["labels"].shape[0])}, out=out, steps=options.steps,
                 eval_every=options.eval_every, checkpointer=checkpointer, progress=options.progress,
-                describe=lambda r: f"held-out accuracy {r['eval_accuracy']:.4f}")
+                describe=lambda r: f"held-out accuracy {r['eval_accuracy']:.4f}", place=place)
     trainable, opt_state, seconds = run_loop(loop, trainable, frozen, opt_state, start, history)
     plot = plot_metrics(out, history, f"{options.mode} on {dataset.source} ({Path(str(options.model)).name})")
     if checkpointer:

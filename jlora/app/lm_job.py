@@ -47,9 +47,9 @@ def generation_eval(lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,
 
 def run(options: Any) -> dict[str, Any]:
     """Run the causal-LM job for resolved :class:`jlora.app.finetune.FinetuneOptions`; returns the final metrics."""
-    import optax
     from jlora.app.finetune import batch_indices, make_optimizer, prepare_out
     from jlora.app.loop import Loop, run as run_loop
+    from jlora.app.pods import gather
     from jlora.app.report import plot_metrics, read_metrics
     from jlora.checkpoint import AdapterCheckpointer
     from jlora.core import init
@@ -60,8 +60,11 @@ def run(options: Any) -> dict[str, Any]:
     from jlora.summary import count
     from jlora.train import make_train_step
 
-    out = prepare_out(options)
-    lm = clm.load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens))
+    pods, primary = _pods(options)
+    out = prepare_out(options) if primary else Path(options.out)
+    _barrier("prepared the run folder")
+    lm = clm.load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
+                            dtype=options.dtype, remat=options.remat)
     if options.pack and not lm.isolates_segments:
         raise ValueError(f"--pack: packed rows need attention kept within each example, which jlora gives "
                          f"Llama-family models; {lm.family} would attend across examples. Pass --no-pack")
@@ -81,39 +84,48 @@ def run(options: Any) -> dict[str, Any]:
     config = default_config(lm.model, r=options.rank, lora_alpha=options.alpha, **overrides)
     lora = init(jax.random.key(options.seed), lm.params, config)
     trainable, frozen = split(lm.params, lora, config)
+    host_frozen = frozen  # generation and exports read host copies (any mesh, any number of processes)
     head_adapted = lm.head_module in make_plan(lm.params, config, lora=lora)
-    f = apply(lm.model, config)
-    loss_fn = clm.make_loss(lm, f, fused=not head_adapted)
+    loss_fn = clm.make_loss(lm, apply(lm.model, config), fused=not head_adapted)
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
+    shardings = None
+    if pods is not None:
+        trainable, opt_state, frozen, shardings = _shard(pods, lm, config, trainable, opt_state, frozen, tx)
     summary = str(count(lm.params, lora, config))
     stats = {"train_examples": len(train_enc), "held_out_examples": len(held_enc), "train_rows": len(train["input_ids"]),
              "train_target_tokens": int(sum(w.sum() for _, w in train_enc)),
              "row_fill": float((train["segment_ids"] > 0).mean())}
-    (out / "run.json").write_text(json.dumps({"options": dataclasses.asdict(options), "summary": summary,
-                                              "model_source": lm.source, "lora_config": config.to_dict(), **stats},
-                                             indent=2, default=str))
+    if primary:
+        (out / "run.json").write_text(json.dumps({"options": dataclasses.asdict(options), "summary": summary,
+                                                  "model_source": lm.source, "lora_config": config.to_dict(), **stats},
+                                                 indent=2, default=str))
     checkpointer = AdapterCheckpointer(out / "checkpoints", config, lm.params, max_to_keep=2)
-    step_fn = make_train_step(loss_fn, tx, donate=False, accumulate=options.accumulate, weight_fn=clm.target_weight)
+    step_fn = make_train_step(loss_fn, tx, shardings, donate=False, accumulate=options.accumulate,
+                              weight_fn=clm.target_weight)
     score = clm.make_scorer(loss_fn, options.batch)
     start, history = 0, []
     if options.resume:
-        done, trainable, opt_state = checkpointer.restore(trainable, opt_state)
+        done, trainable, opt_state = checkpointer.restore(
+            trainable, opt_state, shardings=(shardings.trainable, shardings.opt_state) if shardings else None)
         start, history = done + 1, read_metrics(out, done + 1)
         print(f"resumed from step {done} in {out / 'checkpoints'}")
-    print(summary)
-    print(f"model: {lm.source} ({lm.family}); data: {options.data}: {stats['train_examples']} train examples in "
-          f"{stats['train_rows']} rows of {options.seq_len} ({'packed' if options.pack else 'one per row'}, "
-          f"{stats['row_fill']:.0%} filled), {stats['held_out_examples']} held out")
+    say = print if primary else (lambda *a, **k: None)
+    say(summary)
+    say(f"model: {lm.source} ({lm.family}); data: {options.data}: {stats['train_examples']} train examples in "
+        f"{stats['train_rows']} rows of {options.seq_len} ({'packed' if options.pack else 'one per row'}, "
+        f"{stats['row_fill']:.0%} filled), {stats['held_out_examples']} held out"
+        + (f"; mesh {pods.axes} over {jax.process_count()} process(es)" if pods else ""))
+    generating = bool(gen_examples and options.gen_examples)
     samples_before = None
     if start == 0:
         history.append({"step": 0, **score(trainable, frozen, held)})
         message = f"step 0: held-out perplexity {history[-1]['eval_perplexity']:.2f}"
-        if gen_examples and options.gen_examples:
+        if generating:
             history[-1]["eval_rouge_l"], samples_before = generation_eval(
-                lm, frozen, trainable, config, gen_held, gen_examples, options.max_new_tokens)
+                lm, host_frozen, gather(trainable), config, gen_held, gen_examples, options.max_new_tokens)
             message += f", ROUGE-L {history[-1]['eval_rouge_l']:.4f}"
-        print(message + " (before training)")
+        say(message + " (before training)")
 
     def batch_at(step: int) -> dict[str, np.ndarray]:
         picked = batch_indices(step, len(train["input_ids"]), options.batch, options.seed)
@@ -121,30 +133,64 @@ def run(options: Any) -> dict[str, Any]:
 
     loop = Loop(step_fn=step_fn, batch_at=batch_at, evaluate=lambda t: score(t, frozen, held),
                 units=lambda b: {"tokens": int((b["segment_ids"] > 0).sum())}, out=out, steps=options.steps,
-                eval_every=options.eval_every, checkpointer=checkpointer, progress=options.progress,
-                describe=lambda r: f"held-out loss {r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f}")
+                eval_every=options.eval_every, checkpointer=checkpointer, progress=options.progress and primary,
+                describe=lambda r: f"held-out loss {r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f}",
+                place=pods.put if pods else (lambda b: b), primary=primary)
     trainable, opt_state, seconds = run_loop(loop, trainable, frozen, opt_state, start, history)
     checkpointer.close()
+    trainable = gather(trainable)
     final = {**history[-1], "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(trainable))),
              "train_seconds": round(seconds, 1)}
-    if gen_examples and options.gen_examples:
-        final["eval_rouge_l"], samples_after = generation_eval(lm, frozen, trainable, config, gen_held, gen_examples,
-                                                               options.max_new_tokens)
-        rows_ = [{**a, "generated_before": b["generated"]} if b else a
-                 for a, b in zip(samples_after, samples_before or [None] * len(samples_after))]
-        clm.write_samples(out / "samples.jsonl", rows_)
-        if history[0]["step"] == 0 and "eval_rouge_l" in history[0]:
-            final["rouge_l_before"] = history[0]["eval_rouge_l"]
-        print(f"held-out ROUGE-L of {len(samples_after)} generated completions: {final['eval_rouge_l']:.4f} "
-              f"(samples in {out / 'samples.jsonl'})")
     if history[0]["step"] == 0:
         final["perplexity_before"] = history[0]["eval_perplexity"]
-    final["plot"] = str(plot_metrics(out, history, f"LoRA SFT on {options.data} ({Path(lm.source).name})"))
-    if options.export:
-        final.update(export_all(out, lm, frozen, trainable, config))
-    (out / "final.json").write_text(json.dumps(final, indent=2))
-    print("final: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    if generating:
+        final["eval_rouge_l"], samples_after = generation_eval(lm, host_frozen, trainable, config, gen_held,
+                                                               gen_examples, options.max_new_tokens)
+        if history[0]["step"] == 0 and "eval_rouge_l" in history[0]:
+            final["rouge_l_before"] = history[0]["eval_rouge_l"]
+        if primary:
+            clm.write_samples(out / "samples.jsonl", [{**a, "generated_before": b["generated"]} if b else a for a, b in
+                                                      zip(samples_after, samples_before or [None] * len(samples_after))])
+        say(f"held-out ROUGE-L of {len(samples_after)} generated completions: {final['eval_rouge_l']:.4f} "
+            f"(samples in {out / 'samples.jsonl'})")
+    if primary:
+        final["plot"] = str(plot_metrics(out, history, f"LoRA SFT on {options.data} ({Path(lm.source).name})"))
+        if options.export:
+            final.update(export_all(out, lm, host_frozen, trainable, config))
+        (out / "final.json").write_text(json.dumps(final, indent=2))
+    say("final: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+    _barrier("finished")
     return final
+
+
+def _pods(options: Any) -> tuple[Any, bool]:
+    """The mesh of ``--mesh`` (None without one) and whether this is the primary process."""
+    from jlora.app.pods import Pods
+    pods = Pods.build(options.mesh) if options.mesh else None
+    if pods is not None and options.batch % (pods.rows_divisor * options.accumulate):
+        raise ValueError(f"--batch {options.batch}: each of the --accumulate {options.accumulate} micro-batches must "
+                         f"split over the {pods.rows_divisor} devices of the mesh's batch axes {pods.batch_axes}")
+    return pods, jax.process_index() == 0
+
+
+def _shard(pods: Any, lm: clm.CausalLM, config: Any, trainable: Any, opt_state: Any, frozen: Any, tx: Any
+           ) -> tuple[Any, Any, Any, Any]:
+    """Base specs by the mesh's rules, everything else by ``jlora.plan_shardings``; the states placed."""
+    from jax.sharding import PartitionSpec as P
+    from jlora.intercept import find_layouts
+    from jlora.train import plan_shardings
+
+    specs = pods.base_specs(lm.params, find_layouts(lm.model, lm.params))
+    shardings = plan_shardings(pods.mesh, lm.params, specs, trainable, frozen, tx, config,
+                               batch_spec=P(pods.batch_axes or None), model=lm.model)
+    trainable, opt_state, frozen = shardings.place(trainable, opt_state, frozen)
+    return trainable, opt_state, frozen, shardings
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def export_all(out: Path, lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,

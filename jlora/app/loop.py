@@ -31,6 +31,8 @@ class Loop:
     eval_every: int
     checkpointer: Any = None
     progress: bool = True
+    place: Callable[[Any], Any] = lambda batch: batch  # host batch -> device batch (e.g. on a mesh)
+    primary: bool = True  # writes the metrics (process 0 of a multi-process run)
     describe: Callable[[dict[str, Any]], str] = lambda row: ", ".join(
         f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_"))
 
@@ -50,7 +52,7 @@ def run(loop: Loop, trainable: Any, frozen: Any, opt_state: Any, start: int,
     try:
         for step in bar:
             batch = loop.batch_at(step)
-            trainable, opt_state, loss = loop.step_fn(trainable, opt_state, frozen, batch)
+            trainable, opt_state, loss = loop.step_fn(trainable, opt_state, frozen, loop.place(batch))
             completed = step
             for unit, n in loop.units(batch).items():
                 seen[unit] = seen.get(unit, 0) + n
@@ -63,17 +65,19 @@ def run(loop: Loop, trainable: Any, frozen: Any, opt_state: Any, start: int,
                 bar.write(f"step {step + 1}: loss {row['loss']:.4f}, {loop.describe(row)}")
                 if loop.checkpointer:
                     loop.checkpointer.save(step, trainable, opt_state, metrics=row)
-            if (step + 1) % loop.eval_every == 0:
+            if (step + 1) % loop.eval_every == 0 and loop.primary:
                 write_metrics(loop.out, history)
     except KeyboardInterrupt:
         bar.close()
         if loop.checkpointer and completed >= start:
             loop.checkpointer.save(completed, trainable, opt_state, metrics={"interrupted": True})
             loop.checkpointer.close()
-            write_metrics(loop.out, [row for row in history if row["step"] <= completed + 1])
+            if loop.primary:
+                write_metrics(loop.out, [row for row in history if row["step"] <= completed + 1])
             print(f"\ninterrupted after step {completed + 1}: checkpoint saved in {loop.out / 'checkpoints'}; "
                   f"continue with the same command plus --resume")
         raise
     bar.close()
-    write_metrics(loop.out, history)
+    if loop.primary:
+        write_metrics(loop.out, history)
     return trainable, opt_state, time.time() - t0

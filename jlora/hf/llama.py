@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.attention import dot_product_attention_weights
@@ -115,6 +116,62 @@ class FlaxLlamaForCausalLMFixed(FlaxLlamaForCausalLM):
             return super().__call__(*args, params=params, **kwargs)
 
 
+class _PositionalDecoderLayer(modeling_flax_llama.FlaxLlamaDecoderLayer):
+    """The decoder layer with its flags positional, so that ``nn.remat`` can hold them static."""
+
+    def __call__(self, hidden_states, attention_mask=None, position_ids=None, deterministic=True, init_cache=False,
+                 output_attentions=False):
+        return super().__call__(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                deterministic=deterministic, init_cache=init_cache, output_attentions=output_attentions)
+
+
+class _RematLayerCollection(modeling_flax_llama.FlaxLlamaLayerCollection):
+    """The layer stack with each decoder layer under ``nn.remat``: its activations are recomputed in
+    the backward pass instead of kept (params and paths unchanged: ``model/layers/<i>/...``)."""
+
+    def setup(self):
+        layer = nn.remat(_PositionalDecoderLayer, static_argnums=(4, 5, 6))  # deterministic, init_cache, output_attentions
+        self.blocks = [layer(self.config, dtype=self.dtype, name=str(i)) for i in range(self.config.num_hidden_layers)]
+
+    def __call__(self, hidden_states, attention_mask=None, position_ids=None, deterministic: bool = True,
+                 init_cache: bool = False, output_attentions: bool = False, output_hidden_states: bool = False,
+                 return_dict: bool = False):
+        all_attentions = () if output_attentions else None
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.blocks:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            outputs = block(hidden_states, attention_mask, position_ids, deterministic, init_cache, output_attentions)
+            hidden_states = outputs[0]
+            if output_attentions:
+                all_attentions += (outputs[1],)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class _RematModel(modeling_flax_llama.FlaxLlamaModule):
+    def setup(self):  # the parent's, with the remat layer stack (flax refuses a submodule name set twice)
+        init = jax.nn.initializers.normal(stddev=self.config.initializer_range)
+        self.hidden_size = self.config.hidden_size
+        self.embed_tokens = nn.Embed(self.config.vocab_size, self.hidden_size, embedding_init=init, dtype=self.dtype)
+        self.layers = _RematLayerCollection(self.config, dtype=self.dtype)
+        self.norm = modeling_flax_llama.FlaxLlamaRMSNorm(self.config, dtype=self.dtype)
+
+
+class _RematCausalLM(modeling_flax_llama.FlaxLlamaForCausalLMModule):
+    def setup(self):
+        init = jax.nn.initializers.normal(stddev=self.config.initializer_range)
+        self.model = _RematModel(self.config, dtype=self.dtype)
+        self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=init)
+
+
+class FlaxLlamaForCausalLMRemat(FlaxLlamaForCausalLMFixed):
+    """:class:`FlaxLlamaForCausalLMFixed` with per-layer rematerialization (gradient checkpointing):
+    the same params, outputs and gradients; a decoder layer's activations are recomputed in the
+    backward pass, so one layer's are live at a time instead of all of them."""
+
+    module_class = _RematCausalLM
+
+
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -178,13 +235,15 @@ def read_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | N
 
 
 def load_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | None = 2048,
-                    dtype: Any = jnp.float32) -> tuple[FlaxLlamaForCausalLMFixed, dict[str, Any]]:
+                    dtype: Any = jnp.float32, remat: bool = False) -> tuple[FlaxLlamaForCausalLMFixed, dict[str, Any]]:
     """A ready :class:`FlaxLlamaForCausalLMFixed` and its params from a GGUF file.
 
-    ``max_position_embeddings`` caps the context (FlaxLlama builds a max_pos² causal mask).
+    ``max_position_embeddings`` caps the context (FlaxLlama builds a max_pos² causal mask);
+    ``dtype`` is the computation dtype (params stay float32); ``remat`` recomputes each layer's
+    activations in the backward pass (:class:`FlaxLlamaForCausalLMRemat`).
     """
     config, params = read_gguf_llama(path, max_position_embeddings=max_position_embeddings)
-    model = FlaxLlamaForCausalLMFixed(config, dtype=dtype, _do_init=False)
+    model = (FlaxLlamaForCausalLMRemat if remat else FlaxLlamaForCausalLMFixed)(config, dtype=dtype, _do_init=False)
     return model, params
 
 
