@@ -23,6 +23,7 @@ NEEDS_TORCH = {  # node id (prefix) -> what needs torch
     "test_hf_transformers5.py": "transformers 5 loads the exports in PyTorch",
     "test_scripts.py::test_causal_lm_example": "the example checks PyTorch's generation against Flax",
     "test_scripts.py::test_compare_peft_runner_on_a_tiny_config": "the benchmark runs PEFT",
+    "test_scripts.py::test_sft_step_benchmark_on_a_tiny_config": "the benchmark runs PEFT",
 }
 
 

@@ -144,11 +144,13 @@ def test_head_only_and_full_modes(tiny_model, tmp_path, mode):
     assert not (tmp_path / mode / "merged").exists()  # only LoRA runs export adapters
 
 
-def test_mesh_data_parallel_gives_the_same_losses(tiny_model, tmp_path):
+def test_named_meshes_give_the_same_losses(tiny_model, tmp_path):
     losses = {}
-    for devices in (1, 2):
-        out = tmp_path / f"mesh{devices}"
-        done = jlora_cli("finetune", "--model", tiny_model, "--mesh", devices, "--out", out, "--no-export", *TINY)
+    for mesh in (None, "2", "data=2,fsdp=2,tensor=2"):
+        out = tmp_path / f"mesh{len(losses)}"
+        flags = ["--mesh", mesh] if mesh else []
+        done = jlora_cli("finetune", "--model", tiny_model, *flags, "--out", out, "--no-export", *TINY)
         assert done.returncode == 0, done.stderr[-3000:]
-        losses[devices] = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(np.array(losses[2][1:], float), np.array(losses[1][1:], float), rtol=1e-5)
+        losses[mesh] = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for mesh in ("2", "data=2,fsdp=2,tensor=2"):
+        np.testing.assert_allclose(np.array(losses[mesh][1:], float), np.array(losses[None][1:], float), rtol=1e-5)

@@ -195,15 +195,17 @@ def _place_on_mesh(options: FinetuneOptions, model: Any, params: Any, config: Lo
         raise ValueError(f"--batch {options.batch} does not split over the {pods.rows_divisor} devices of the mesh's "
                          f"batch axes {pods.batch_axes}")
     specs = pods.base_specs(params, find_layouts(model, params))
+    rows = P(pods.batch_axes or None)
+    batch_spec = {"input_ids": rows, "attention_mask": rows, "labels": rows, "rng": P()}  # the key: replicated
     if config is not None:
-        return pods, plan_shardings(pods.mesh, params, specs, trainable, frozen, tx, config,
-                                    batch_spec=P(pods.batch_axes or None), model=model)
+        return pods, plan_shardings(pods.mesh, params, specs, trainable, frozen, tx, config, batch_spec=batch_spec,
+                                    model=model)
     flat = flatten(specs, "specs")
     pick = lambda tree: unflatten({k: flat[k] for k in flatten(tree, "tree")})  # noqa: E731
     return pods, Shardings(trainable=named(pods.mesh, pick(trainable)),
                            opt_state=named(pods.mesh, opt_state_specs(tx, trainable, pick(trainable))),
                            frozen=named(pods.mesh, pick(frozen)) if frozen else {},
-                           batch=pods.batch_sharding, replicated=named(pods.mesh, P()))
+                           batch=named(pods.mesh, batch_spec), replicated=named(pods.mesh, P()))
 
 
 def dropout_key(seed: int) -> jax.Array:
