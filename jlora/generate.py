@@ -205,7 +205,8 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
 
 def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, lora: Tree | None = None,
              config: LoraConfig | None = None, prompt_mask: Any = None, temperature: float = 0.0,
-             top_p: float = 1.0, rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
+             top_p: float = 1.0, rng: jax.Array | None = None,
+             eos_token_id: int | Sequence[int] | str | None = "config",
              pad_token_id: int | None = None, return_logits: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample ``max_new_tokens`` tokens after each prompt with a KV cache, in one jitted function.
 
@@ -224,7 +225,8 @@ def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, 
         top-p nucleus (:func:`nucleus_filter`); then ``rng`` is required (step i uses ``fold_in(rng, i)``).
       top_p: nucleus mass in (0, 1]; 1 keeps every token.
       eos_token_id: an id (or ids); a row that emitted one emits ``pad_token_id`` (default: the first
-        eos id) afterwards, and the loop stops once every row has. None: always N steps.
+        eos id) afterwards, and the loop stops once every row has. Default ``"config"``: the model's
+        ``config.eos_token_id``, as transformers' ``generate`` does; None: always N steps.
       return_logits: also return the float32 logits each token was chosen from (batch, N, vocab).
 
     Returns:
@@ -241,7 +243,7 @@ def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, 
     ids, mask = _check_prompt(model, prompt_ids, prompt_mask)
     temperature, top_p = float(temperature), float(top_p)
     _check_settings(model, ids.shape[1], max_new_tokens, temperature, top_p, rng, lora, config)
-    eos = _eos_ids(eos_token_id)
+    eos = _eos_ids(getattr(model.config, "eos_token_id", None) if eos_token_id == "config" else eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
     greedy = temperature == 0.0
     sampler = _compiled(model, config if lora is not None else None)

@@ -302,3 +302,48 @@ def test_remat_and_bfloat16_options(tiny_model, tokenizer):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(lb), float(lp), rtol=2e-2)  # bfloat16 activations, float32 loss
     assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(gb))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma", "llama-untied"])
+def test_other_families_load_and_their_fused_loss_equals_the_logits_loss(family, tmp_path, tokenizer):
+    """HF folders of each supported decoder family: the head is found (tied or not) and the fused loss
+    over the final hidden states equals the loss over the model's own logits."""
+    small = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=128)
+    config, cls = {
+        "mistral": (tf.MistralConfig(sliding_window=128, **small), tf.FlaxMistralForCausalLM),
+        "gemma": (tf.GemmaConfig(head_dim=8, hidden_activation="gelu_pytorch_tanh", **small), tf.FlaxGemmaForCausalLM),
+        "llama-untied": (tiny_llama_config(tie_word_embeddings=False), FlaxLlamaForCausalLMFixed),
+    }[family]
+    model = cls(config, seed=0)
+    folder = tmp_path / family
+    with atomic_dir(folder) as tmp:
+        from safetensors.numpy import save_file
+        save_file(to_torch_state(model.params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.to_json_file(str(tmp / "config.json"))
+        tokenizer.save_pretrained(str(tmp))
+    lm = clm.load_causal_lm(str(folder), max_positions=128)
+    tied = bool(config.tie_word_embeddings)
+    assert (lm.head_module == "lm_head") != tied and lm.head_transposed == tied
+    cfg = jlora.hf.default_config(lm.model, r=4, lora_alpha=8)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.05, jlora.init(jax.random.key(0), lm.params, cfg))
+    trainable, frozen = jlora.split(lm.params, lora, cfg)
+    batch = clm.rows(_examples(tokenizer, 2), 64, packed=False, pad_id=2)
+    f = jlora.apply(lm.model, cfg)
+    fused, plain = (clm.make_loss(lm, f, fused=x)(trainable, frozen, batch) for x in (True, False))
+    np.testing.assert_allclose(float(fused), float(plain), rtol=2e-5)
+
+
+def test_peft_loads_the_run_adapter_with_the_same_logits(tiny_model, tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    lm, config, trainable, frozen, f = _setup(tiny_model)
+    zero = jax.tree_util.tree_map(np.zeros_like, trainable)
+    base = jlora.hf.export_merged(tmp_path / "base", lm.model, frozen, zero, config, tokenizer=lm.tokenizer)
+    adapter = jlora.hf.save_peft(tmp_path / "adapter", lm.model, trainable, config)
+    model = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    ids = np.arange(5, 45, dtype=np.int32)[None]
+    with torch.no_grad():
+        theirs = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    ours = np.asarray(f(frozen, trainable, ids).logits)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)

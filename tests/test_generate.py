@@ -101,7 +101,7 @@ def test_lora_unmerged_equals_merged(name, config, request):
 def _sample(model, rng, **kwargs):
     """Sampled tokens and their logits (one compilation for every temperature / top_p)."""
     tokens, logits = generate(model, model.params, PROMPTS, prompt_mask=MASK, max_new_tokens=N, rng=rng,
-                              return_logits=True, **{"temperature": 1.5, **kwargs})
+                              return_logits=True, eos_token_id=None, **{"temperature": 1.5, **kwargs})
     return np.asarray(tokens), np.asarray(logits)
 
 

@@ -31,6 +31,11 @@ for job in json.load(open(sys.argv[1])):
     report[job["name"]] = {"missing": list(info["missing_keys"]), "unexpected": list(info["unexpected_keys"]),
                            "max_diff": float(np.abs(logits - np.load(job["expected"])).max()),
                            "version": transformers.__version__}
+    if "greedy" in job:  # greedy continuation of the inputs, to compare with jlora's KV-cache sampler
+        ids = inputs["input_ids"]
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        report[job["name"]]["greedy"] = new[:, ids.shape[1]:].tolist()
+        report[job["name"]]["greedy_equal"] = report[job["name"]]["greedy"] == np.load(job["greedy"]).tolist()
 print(json.dumps(report))
 """
 
@@ -60,6 +65,7 @@ def test_exports_load_in_transformers_5(transformers5, tmp_path):
         np.save(tmp_path / f"{name}_expected.npy", expected)
         jobs.append({"name": name, "cls": case.torch_name, "dir": str(out), "inputs": saved,
                      "expected": str(tmp_path / f"{name}_expected.npy")})
+    jobs.append(_sft_llama_job(tmp_path))
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(transformers5), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "jobs.json")], env=env, capture_output=True,
@@ -67,10 +73,35 @@ def test_exports_load_in_transformers_5(transformers5, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))
-    assert sorted(report) == sorted(CASES)
+    assert sorted(report) == sorted([*CASES, "sft_llama"])
+    assert report["sft_llama"]["greedy_equal"], report["sft_llama"]
     for name, result in report.items():
         assert not result["missing"] and not result["unexpected"], (name, result)
         assert result["max_diff"] < 1e-4, (name, result)
+
+
+def _sft_llama_job(tmp_path: Path) -> dict:
+    """What ``jlora finetune --task causal-lm`` exports for a GGUF-born model: the tied Llama with
+    rope_theta 1e5 (``FlaxLlamaForCausalLMFixed``), merged; transformers 5 must give its logits and
+    the greedy tokens of jlora's sampler."""
+    import transformers as tf
+    from jlora.hf.llama import FlaxLlamaForCausalLMFixed
+
+    config = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, rope_theta=100000.0,
+                            tie_word_embeddings=True, initializer_range=0.2)
+    model = FlaxLlamaForCausalLMFixed(config, seed=0)
+    lora_config = jlora.hf.default_config(model, r=4)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.05, jlora.init(jax.random.key(0), model.params, lora_config))
+    ids = np.random.default_rng(0).integers(3, 90, (2, 6)).astype(np.int32)
+    expected = np.asarray(jlora.apply(model, lora_config)(model.params, lora, ids).logits)
+    greedy = np.asarray(jlora.generate(model, model.params, ids, lora=lora, config=lora_config, max_new_tokens=8))
+    out = jlora.hf.export_merged(tmp_path / "sft_llama", model, model.params, lora, lora_config)
+    for name, value in (("ids", ids), ("expected", expected), ("greedy", greedy)):
+        np.save(tmp_path / f"sft_llama_{name}.npy", value)
+    return {"name": "sft_llama", "cls": "LlamaForCausalLM", "dir": str(out),
+            "inputs": {"input_ids": str(tmp_path / "sft_llama_ids.npy")},
+            "expected": str(tmp_path / "sft_llama_expected.npy"), "greedy": str(tmp_path / "sft_llama_greedy.npy")}
 
 
 PLAIN_FLAX_UNDER_5 = r"""

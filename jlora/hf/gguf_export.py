@@ -26,7 +26,8 @@ import numpy as np
 
 from jlora.config import LoraConfig
 from jlora.core import merge
-from jlora.hf.llama import GGUF_NAMES
+from jlora.hf.export import current_umask
+from jlora.hf.names import GGUF_NAMES
 from jlora.tree import Tree, flatten
 
 DTYPES = {"f32": (np.float32, 0), "f16": (np.float16, 1)}  # name -> (numpy dtype, general.file_type)
@@ -63,6 +64,7 @@ def _atomic_file(out_path: str | os.PathLike, *, overwrite: bool) -> Iterator[Pa
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600); a model file is not
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -40,3 +40,8 @@ def to_torch_state(params: Tree) -> dict[str, np.ndarray]:
         state[key] = np.ascontiguousarray(array)
     return state
 
+
+# GGUF (llama.cpp) block tensor names -> the HF Llama module path within a layer
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
