@@ -91,7 +91,7 @@ def main_variants() -> tuple[dict[str, tuple], float]:
     """The `jlora finetune` step (defaults: MiniLM, batch 16 x 128, r=8 on query/value + head)."""
     from jlora.app import finetune as F
     from jlora.train import make_train_step
-    options = F.FinetuneOptions()
+    options = F.FinetuneOptions().resolved()
     model, params, config, trainable, frozen = F.build(options, 5)
     f = jlora.apply(model, config)
     tx = F.make_optimizer(options, config)

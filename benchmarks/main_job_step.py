@@ -208,7 +208,7 @@ def table(result: dict) -> str:
 
 def measure(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     from jlora.app.finetune import DEFAULT_LR, FinetuneOptions
-    options = FinetuneOptions(model=str(path), seed=SEED)  # the CLI's defaults: lora, r 8, alpha 16, 16 x 128
+    options = FinetuneOptions(model=str(path), seed=SEED).resolved()  # the CLI's defaults: lora, r 8, alpha 16, 16 x 128
     data = make_batch(options.batch, options.max_length)
     j_run, j_info, config, model = prepare_jlora(options, data)
     p_run, p_info = prepare_peft(path, config, data, args.threads, options.lr or DEFAULT_LR[options.mode])
