@@ -1,12 +1,6 @@
-"""The causal-LM task (``jlora finetune --task causal-lm``) on a tiny random Llama with SmolLM2's real
-tokenizer and the real shipped BBC headline data: the loss math, packing, accumulation, the CLI end to
-end, resume, exports and bad input."""
-import json
-import os
-import signal
-import subprocess
-import sys
-
+"""The causal-LM task's pieces (``jlora.app.causal_lm``) on a tiny random Llama with SmolLM2's real
+tokenizer: the completion-only loss against a hand computation, packing, accumulation, remat and
+bfloat16, the other families, and the PyTorch / PEFT round trips (the CLI: test_cli_causal_lm.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,43 +12,9 @@ import jlora
 from jlora.app import causal_lm as clm
 from jlora.app.sft_data import SftExample, encode
 from jlora.hf.export import atomic_dir
-from jlora.hf.llama import FlaxLlamaForCausalLMFixed, read_gguf_tokenizer
+from jlora.hf.llama import FlaxLlamaForCausalLMFixed
 from jlora.hf.names import to_torch_state
-
-TINY = ["--task", "causal-lm", "--batch", "2", "--max-length", "64", "--seq-len", "128", "--eval-examples", "4",
-        "--gen-examples", "2", "--max-new-tokens", "4", "--no-progress"]
-
-
-def tiny_llama_config(**overrides):
-    settings = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, rope_theta=100000.0,
-                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    settings.update(overrides)
-    return tf.LlamaConfig(**settings)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return read_gguf_tokenizer(jlora.hf.smollm2_gguf_path())
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer):
-    """A random 2-layer tied Llama with SmolLM2's tokenizer, as an HF folder with PyTorch-named weights."""
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    config = tiny_llama_config()
-    model = FlaxLlamaForCausalLMFixed(config, seed=0)
-    with atomic_dir(folder) as tmp:
-        from safetensors.numpy import save_file
-        save_file(to_torch_state(model.params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.to_json_file(str(tmp / "config.json"))
-        tokenizer.save_pretrained(str(tmp))
-    return folder
-
-
-def jlora_cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "jlora.app.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+from llm_cases import TINY, jlora_cli, tiny_llama_config, tiny_model, tokenizer  # noqa: F401 (fixtures)
 
 
 def _setup(tiny_model):
@@ -114,69 +74,6 @@ def test_packing_changes_no_loss_and_accumulation_no_gradient(tiny_model, tokeni
         jlora.make_train_step(loss_fn, tx, accumulate=4)(trainable, state, frozen, single)
 
 
-def test_finetune_causal_lm_end_to_end(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    done = jlora_cli("finetune", *TINY, "--model", tiny_model, "--out", out, "--steps", "4", "--eval-every", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    final = json.loads((out / "final.json").read_text())
-    assert final["step"] == 4 and final["eval_perplexity"] < final["perplexity_before"]
-    assert 0.0 <= final["eval_rouge_l"] <= 1.0 and "rouge_l_before" in final
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[1]["tokens_per_s"] > 0
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and {"reference", "generated", "generated_before", "origin"} <= set(samples[0])
-    assert samples[0]["origin"].endswith(".txt:1")  # a real BBC article
-    for name in ("metrics.png", "merged/model.safetensors", "merged/tokenizer.json", "adapter/adapter_model.safetensors"):
-        assert (out / name).is_file(), name
-    # the merged export loads in transformers' Flax Llama and scores the held-out rows as the run did
-    merged = tf.FlaxLlamaForCausalLM.from_pretrained(out / "merged", from_pt=True)
-    assert merged.config.tie_word_embeddings and merged.config.rope_theta == 100000.0
-    exported = jlora_cli("export", "--run", out, "--format", "peft", "--dest", tmp_path / "peft")
-    assert exported.returncode == 0 and "exported step 3" in exported.stdout, exported.stderr[-3000:]
-
-
-def test_ctrl_c_and_resume_give_the_uninterrupted_losses(tiny_model, tmp_path):
-    flags = [*TINY, "--model", tiny_model, "--no-export", "--steps", "6", "--eval-every", "2", "--gen-examples", "0",
-             "--accumulate", "2"]
-    straight = jlora_cli("finetune", "--out", tmp_path / "straight", *flags)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jlora.app.cli", "finetune", "--out", str(tmp_path / "cut"),
-                             *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 2:"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130 and "checkpoint saved" in rest, "".join(seen) + rest
-    resumed = jlora_cli("finetune", "--out", tmp_path / "cut", "--resume", *flags)
-    assert resumed.returncode == 0 and "resumed from step" in resumed.stdout, resumed.stderr[-3000:]
-
-    def losses(run):
-        return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
-
-
-def test_bad_input_is_named(tiny_model, tmp_path):
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64).to_json_file(
-        str(bert / "config.json"))
-    done = jlora_cli("finetune", *TINY, "--model", bert, "--out", tmp_path / "r1")
-    assert done.returncode == 2 and "'bert' model; the causal-LM task supports llama, mistral, gemma, gpt2" in done.stderr
-    done = jlora_cli("finetune", *TINY, "--model", tiny_model, "--out", tmp_path / "r2", "--max-length", "512")
-    assert done.returncode == 2 and "--max-length 512 is longer than --seq-len 128" in done.stderr
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
-    done = jlora_cli("finetune", *TINY, "--model", tiny_model, "--data", bad, "--out", tmp_path / "r3")
-    assert done.returncode == 2 and "bad.jsonl:2: expected keys" in done.stderr
-    done = jlora_cli("finetune", *TINY, "--model", tmp_path / "nope.gguf", "--out", tmp_path / "r4")
-    assert done.returncode == 2 and "no such GGUF file" in done.stderr
-    assert not (tmp_path / "r1").exists() or not any((tmp_path / "r1").iterdir())
-
-
 def test_gpt2_trains_unpacked_and_refuses_packing(tmp_path, tokenizer):
     config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=49152, n_positions=128)
     model = tf.FlaxGPT2LMHeadModel(config, seed=0)
@@ -200,30 +97,6 @@ def test_gpt2_trains_unpacked_and_refuses_packing(tmp_path, tokenizer):
     assert done.returncode == 2 and "Pass --no-pack" in done.stderr
 
 
-def test_gguf_model_in_merged_gguf_out(tmp_path):
-    """A Llama GGUF file (tiny, random, SmolLM2's tokenizer fields) fine-tuned from the CLI: the merged
-    GGUF it writes reads back through jlora's loader with the logits of the merged HF export."""
-    from jlora.hf.gguf_export import export_gguf
-    from jlora.hf.llama import read_gguf_llama
-
-    model = FlaxLlamaForCausalLMFixed(tiny_llama_config(), seed=0)
-    source = export_gguf(tmp_path / "tiny.gguf", model, model.params, None, None,
-                         source_gguf=jlora.hf.smollm2_gguf_path())
-    out = tmp_path / "run"
-    done = jlora_cli("finetune", *TINY, "--model", source, "--out", out, "--steps", "2", "--eval-every", "2",
-                     "--gen-examples", "0")
-    assert done.returncode == 0, done.stderr[-3000:]
-    config, params = read_gguf_llama(out / "merged.gguf")
-    assert config.tie_word_embeddings and config.rope_theta == 100000.0
-    hf = FlaxLlamaForCausalLMFixed.from_pretrained(out / "merged", from_pt=True)
-    ids = np.arange(3, 40, dtype=np.int32)[None]
-    from_gguf = FlaxLlamaForCausalLMFixed(config, _do_init=False)(ids, params=params).logits
-    from_hf = hf(ids, params={k: v for k, v in hf.params.items() if k != "lm_head"}).logits
-    np.testing.assert_allclose(np.asarray(from_gguf), np.asarray(from_hf), atol=1e-5)
-    base = FlaxLlamaForCausalLMFixed(config, _do_init=False)(ids, params=read_gguf_llama(source)[1]).logits
-    assert np.abs(np.asarray(base) - np.asarray(from_gguf)).max() > 1e-4  # the adapter was folded in
-
-
 def test_merged_export_generates_the_same_greedy_tokens_in_pytorch(tiny_model, tmp_path, tokenizer):
     torch = pytest.importorskip("torch")
     from jlora.generate import generate
@@ -236,52 +109,6 @@ def test_merged_export_generates_the_same_greedy_tokens_in_pytorch(tiny_model, t
     theirs = torch_model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=8, do_sample=False,
                                   attention_mask=torch.ones(prompt.shape, dtype=torch.long)).numpy()[:, prompt.shape[1]:]
     np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
-
-
-def _losses(run):
-    return [r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-
-
-MESH_FLAGS = [*TINY, "--batch", "8", "--steps", "3", "--eval-every", "3", "--gen-examples", "0", "--no-export"]
-
-
-@pytest.mark.parametrize("mesh", ["data=2,fsdp=4", "data=2,tensor=4"])
-def test_fsdp_and_tensor_parallel_meshes_give_the_losses_of_one_device(tiny_model, tmp_path, mesh):
-    single = jlora_cli("finetune", *MESH_FLAGS, "--model", tiny_model, "--out", tmp_path / "one")
-    sharded = jlora_cli("finetune", *MESH_FLAGS, "--model", tiny_model, "--out", tmp_path / "mesh", "--mesh", mesh)
-    assert single.returncode == 0 and sharded.returncode == 0, single.stderr[-2000:] + sharded.stderr[-2000:]
-    assert f"mesh {dict(parse(mesh))}" in sharded.stdout
-    np.testing.assert_allclose(np.array(_losses(tmp_path / "mesh")[1:], float),
-                               np.array(_losses(tmp_path / "one")[1:], float), rtol=2e-5)
-
-
-def parse(mesh):
-    from jlora.app.pods import parse_mesh
-    return parse_mesh(mesh).items()
-
-
-def test_two_processes_give_the_losses_of_one(tiny_model, tmp_path):
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent / "workers"))
-    from launch import run_workers
-
-    single = jlora_cli("finetune", *MESH_FLAGS, "--model", tiny_model, "--out", tmp_path / "one")
-    assert single.returncode == 0, single.stderr[-2000:]
-    flags = [*MESH_FLAGS[:-1], "--model", tiny_model, "--out", tmp_path / "two", "--mesh", "data=2,fsdp=2"]
-    logs = run_workers(Path(__file__).parent / "workers" / "cli_worker.py", *flags, timeout=600)
-    assert "over 2 process(es)" in logs[0]
-    np.testing.assert_allclose(np.array(_losses(tmp_path / "two")[1:], float),
-                               np.array(_losses(tmp_path / "one")[1:], float), rtol=2e-5)
-    assert (tmp_path / "two" / "merged" / "model.safetensors").is_file()  # exported once, from gathered adapters
-
-
-def test_mesh_flag_is_checked():
-    from jlora.app.pods import parse_mesh
-    assert parse_mesh("4") == {"data": 4} and parse_mesh("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
-    for bad, message in [("data=2,model=4", "AXIS one of"), ("data=0", "positive integer"), ("data=2,data=2", "twice"),
-                         ("fsdp", "AXIS=SIZE")]:
-        with pytest.raises(ValueError, match=message):
-            parse_mesh(bad)
 
 
 def test_remat_and_bfloat16_options(tiny_model, tokenizer):
