@@ -192,6 +192,9 @@ def _check_settings(model: Any, prompt_len: int, max_new_tokens: Any, temperatur
         raise ValueError(f"generate: top_p must lie in (0, 1], got {top_p!r}")
     if temperature > 0 and rng is None:
         raise ValueError("generate: rng (a jax.random key) is required when temperature > 0")
+    if rng is not None and not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                                               or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
+        raise ValueError(f"generate: rng must be a jax.random key (jax.random.key(0) or PRNGKey(0)), got {rng!r:.60}")
     if lora is not None and not isinstance(config, LoraConfig):
         raise ValueError("generate: lora was given without config (the LoraConfig the adapter was made with)")
 

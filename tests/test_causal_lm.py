@@ -75,7 +75,7 @@ def test_packing_changes_no_loss_and_accumulation_no_gradient(tiny_model, tokeni
 
 
 def test_gpt2_trains_unpacked_and_refuses_packing(tmp_path, tokenizer):
-    config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=49152, n_positions=128)
+    config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=49152, n_positions=256)  # > --seq-len
     model = tf.FlaxGPT2LMHeadModel(config, seed=0)
     folder = tmp_path / "gpt2"
     with atomic_dir(folder) as tmp:
@@ -95,6 +95,7 @@ def test_gpt2_trains_unpacked_and_refuses_packing(tmp_path, tokenizer):
     np.testing.assert_allclose(float(fused), float(plain), rtol=2e-5)
     done = jlora_cli("finetune", *TINY, "--model", folder, "--out", tmp_path / "run")
     assert done.returncode == 2 and "Pass --no-pack" in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
 def test_merged_export_generates_the_same_greedy_tokens_in_pytorch(tiny_model, tmp_path, tokenizer):

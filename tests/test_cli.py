@@ -1,5 +1,6 @@
 """The jlora command end to end on a tiny BERT and the real shipped BBC News data."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -58,7 +59,7 @@ def test_finetune_eval_export_end_to_end(tiny_model, tmp_path):
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_accuracy"] == final["eval_accuracy"]
     exported = jlora_cli("export", "--run", out, "--format", "peft", "--dest", tmp_path / "peft")
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert "exported step 5" in exported.stdout
+    assert "after step 6 (checkpoints/5)" in exported.stdout
 
 
 def test_existing_output_is_refused_unless_overwrite(tiny_model, tmp_path):
@@ -91,7 +92,7 @@ def test_ctrl_c_saves_and_resume_continues_the_same_losses(tiny_model, tmp_path)
     assert "checkpoint saved" in rest
     resumed = jlora_cli("finetune", "--out", tmp_path / "cut", "--resume", *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step" in resumed.stdout
+    assert re.search(r"resumed after step \d+ \(checkpoints/\d+ in ", resumed.stdout), resumed.stdout
 
     def losses(run):
         return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}

@@ -2,6 +2,7 @@
 SmolLM2's real tokenizer and the real shipped BBC headline data: the run folder, exports, Ctrl-C and
 resume, bad input, a GGUF model in and a merged GGUF out, named meshes and 2 processes."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -33,8 +34,9 @@ def test_finetune_causal_lm_end_to_end(tiny_model, tmp_path):
     # the merged export loads in transformers' Flax Llama and scores the held-out rows as the run did
     merged = tf.FlaxLlamaForCausalLM.from_pretrained(out / "merged", from_pt=True)
     assert merged.config.tie_word_embeddings and merged.config.rope_theta == 100000.0
+    assert merged.config.max_position_embeddings == 256  # the model's own, not the run's cap (--seq-len 128)
     exported = jlora_cli("export", "--run", out, "--format", "peft", "--dest", tmp_path / "peft")
-    assert exported.returncode == 0 and "exported step 3" in exported.stdout, exported.stderr[-3000:]
+    assert exported.returncode == 0 and "after step 4 (checkpoints/3)" in exported.stdout, exported.stderr[-3000:]
 
 
 def test_ctrl_c_and_resume_give_the_uninterrupted_losses(tiny_model, tmp_path):
@@ -54,7 +56,7 @@ def test_ctrl_c_and_resume_give_the_uninterrupted_losses(tiny_model, tmp_path):
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130 and "checkpoint saved" in rest, "".join(seen) + rest
     resumed = jlora_cli("finetune", "--out", tmp_path / "cut", "--resume", *flags)
-    assert resumed.returncode == 0 and "resumed from step" in resumed.stdout, resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and re.search(r"resumed after step \d+ \(checkpoints/\d+ in ", resumed.stdout), resumed.stderr[-3000:]
 
     def losses(run):
         return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
@@ -76,7 +78,10 @@ def test_bad_input_is_named(tiny_model, tmp_path):
     assert done.returncode == 2 and "bad.jsonl:2: expected keys" in done.stderr
     done = jlora_cli("finetune", *TINY, "--model", tmp_path / "nope.gguf", "--out", tmp_path / "r4")
     assert done.returncode == 2 and "no such GGUF file" in done.stderr
-    assert not (tmp_path / "r1").exists() or not any((tmp_path / "r1").iterdir())
+    (tmp_path / "fake.gguf").write_text("not a gguf file")
+    done = jlora_cli("finetune", *TINY, "--model", tmp_path / "fake.gguf", "--out", tmp_path / "r5")
+    assert done.returncode == 2 and "fake.gguf is not a Llama GGUF file jlora can read" in done.stderr
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 6))  # refused before the run folder is made
 
 
 def test_gguf_model_in_merged_gguf_out(tmp_path):
@@ -93,7 +98,7 @@ def test_gguf_model_in_merged_gguf_out(tmp_path):
                      "--gen-examples", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     config, params = read_gguf_llama(out / "merged.gguf")
-    assert config.tie_word_embeddings and config.rope_theta == 100000.0
+    assert config.tie_word_embeddings and config.rope_theta == 100000.0 and config.max_position_embeddings == 256
     hf = FlaxLlamaForCausalLMFixed.from_pretrained(out / "merged", from_pt=True)
     ids = np.arange(3, 40, dtype=np.int32)[None]
     from_gguf = FlaxLlamaForCausalLMFixed(config, _do_init=False)(ids, params=params).logits

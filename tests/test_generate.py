@@ -207,6 +207,7 @@ def test_no_recompilation_for_new_params_lora_prompts(llama_tied):
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"temperature": 1.0}, "rng"),
+    ({"temperature": 1.0, "rng": 0}, "rng must be a jax.random key"),
     ({"lora": {}}, "config"),
 ])
 def test_bad_input_names_the_parameter(llama, change, match):

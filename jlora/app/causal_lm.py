@@ -18,8 +18,10 @@ per row, where the causal mask over right padding isolates each example exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,18 @@ class CausalLM:
     head_module: str  # "/"-joined path of the module whose kernel projects hidden states to the vocabulary
     head_leaf: str
     head_transposed: bool  # the kernel is stored (vocab, d): a tied embedding table
+    context_length: int  # the model's own max_position_embeddings (the loaded config may be capped)
     gguf: str | None = None  # the GGUF file it came from, if any
+
+    @contextlib.contextmanager
+    def full_context(self) -> Iterator[None]:
+        """The model's config with its own ``max_position_embeddings`` (for exports), then the cap again."""
+        config = self.model.config
+        capped, config.max_position_embeddings = config.max_position_embeddings, self.context_length
+        try:
+            yield
+        finally:
+            config.max_position_embeddings = capped
 
     @property
     def isolates_segments(self) -> bool:
@@ -88,10 +101,15 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
             path = smollm2_gguf_path()
         elif not path.is_file():
             raise FileNotFoundError(f"--model: {name!r}: no such GGUF file")
-        model, params = load_gguf_llama(path, max_position_embeddings=max_positions, dtype=jnp.dtype(dtype),
-                                        remat=remat)
-        return CausalLM(model, params, read_gguf_tokenizer(path), str(path), "llama", *_head("llama", params),
-                        gguf=str(path))
+        try:
+            import gguf
+            context = int(gguf.GGUFReader(str(path)).fields["llama.context_length"].parts[-1][0])
+            model, params = load_gguf_llama(path, max_position_embeddings=max_positions, dtype=jnp.dtype(dtype),
+                                            remat=remat)
+            tokenizer = read_gguf_tokenizer(path)
+        except (ValueError, KeyError, OSError) as err:
+            raise ValueError(f"--model: {path} is not a Llama GGUF file jlora can read: {err}") from None
+        return CausalLM(model, params, tokenizer, str(path), "llama", *_head("llama", params), context, gguf=str(path))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model: {name!r} is neither 'smollm2', a .gguf file, nor an HF folder with "
                                 "config.json")
@@ -101,7 +119,9 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
                          f"{', '.join(FAMILIES)} (HF folders) and Llama-architecture GGUF files")
     if remat and config.model_type != "llama":
         raise ValueError(f"--remat: jlora rematerializes Llama-family layers; {path} is a {config.model_type!r} model")
-    config.max_position_embeddings = min(config.max_position_embeddings, max_positions)
+    context = config.max_position_embeddings
+    if config.model_type != "gpt2":  # rotary models build a max_pos² mask: capped; GPT-2's is a learned table
+        config.max_position_embeddings = min(context, max_positions)
     has_flax = (path / "flax_model.msgpack").is_file()
     cls = transformers.FlaxAutoModelForCausalLM if config.model_type != "llama" else \
         FlaxLlamaForCausalLMRemat if remat else FlaxLlamaForCausalLMFixed
@@ -110,7 +130,7 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
     if config.model_type == "llama" and config.tie_word_embeddings and "lm_head" in params:
         params = {k: v for k, v in params.items() if k != "lm_head"}
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    return CausalLM(model, params, tokenizer, str(path), config.model_type, *_head(config.model_type, params))
+    return CausalLM(model, params, tokenizer, str(path), config.model_type, *_head(config.model_type, params), context)
 
 
 def load_examples(data: str) -> list[SftExample]:

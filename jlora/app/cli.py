@@ -147,7 +147,7 @@ def _run_export(args: argparse.Namespace) -> int:
         dest = export_merged(args.dest, model, frozen, trainable, config, tokenizer=tokenizer, overwrite=args.overwrite)
     else:
         dest = save_peft(args.dest, model, trainable, config, overwrite=args.overwrite)
-    print(f"exported step {step} of {run} as {args.format} to {dest}")
+    print(f"exported {run} after step {step + 1} (checkpoints/{step}) as {args.format} to {dest}")
     return 0
 
 
@@ -170,19 +170,22 @@ def _export_causal_lm(args: argparse.Namespace, run: Path, options: FinetuneOpti
     opt_state = jax.eval_shape(make_optimizer(options, config).init, trainable)
     with AdapterCheckpointer(run / "checkpoints", config, lm.params) as checkpointer:
         step, trainable, _ = checkpointer.restore(trainable, opt_state)
-    if args.format == "hf":
-        dest = export_merged(args.dest, lm.model, frozen, trainable, config, tokenizer=lm.tokenizer,
-                             overwrite=args.overwrite)
-    elif args.format == "peft":
-        dest = save_peft(args.dest, lm.model, trainable, config, overwrite=args.overwrite)
-    elif args.format == "gguf":
-        from jlora.hf.gguf_export import export_gguf
-        dest = export_gguf(args.dest, lm.model, frozen, trainable, config, source_gguf=lm.gguf, overwrite=args.overwrite)
-    else:
+    with lm.full_context():
+        if args.format == "hf":
+            dest = export_merged(args.dest, lm.model, frozen, trainable, config, tokenizer=lm.tokenizer,
+                                 overwrite=args.overwrite)
+        elif args.format == "peft":
+            dest = save_peft(args.dest, lm.model, trainable, config, overwrite=args.overwrite)
+        elif args.format == "gguf":
+            from jlora.hf.gguf_export import export_gguf
+            dest = export_gguf(args.dest, lm.model, frozen, trainable, config, source_gguf=lm.gguf,
+                               overwrite=args.overwrite)
+    if args.format == "all":
         with atomic_dir(args.dest, overwrite=args.overwrite) as tmp:
-            export_all(tmp, lm, frozen, trainable, config)
-        dest = args.dest
-    print(f"exported step {step} of {run} as {args.format} to {dest}")
+            written = export_all(tmp, lm, frozen, trainable, config)
+        dest = f"{args.dest} ({', '.join(Path(v).name for v in written.values())}" + \
+            ("" if "gguf" in written else "; no merged.gguf: GGUF export is for Llama models loaded from GGUF") + ")"
+    print(f"exported {run} after step {step + 1} (checkpoints/{step}) as {args.format} to {dest}")
     return 0
 
 

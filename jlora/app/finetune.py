@@ -140,16 +140,25 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> np.ndarray:
     return order[offset * batch:(offset + 1) * batch]
 
 
-def prepare_out(options: FinetuneOptions) -> Path:
+def check_out(options: FinetuneOptions) -> Path:
+    """The run folder, refused early (before anything is loaded): ``--resume`` needs its checkpoints,
+    an existing non-empty folder needs ``--overwrite``. Nothing is created or removed here."""
     out = Path(options.out)
     if options.resume:
         if not (out / "checkpoints").is_dir():
             raise FileNotFoundError(f"--resume: {out} has no checkpoints/ to resume from")
+    elif out.exists() and any(out.iterdir()) and not options.overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it or "
+                              "--resume to continue it")
+    return out
+
+
+def prepare_out(options: FinetuneOptions) -> Path:
+    """:func:`check_out`, then the folder made (emptied first with ``--overwrite``)."""
+    out = check_out(options)
+    if options.resume:
         return out
     if out.exists() and any(out.iterdir()):
-        if not options.overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it or "
-                                  "--resume to continue it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -273,12 +282,13 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
     from jlora.summary import count
     from jlora.train import make_train_step
 
-    out = prepare_out(options)
+    check_out(options)  # refused before anything loads; made once the data and model did
     dataset = load_dataset(options.data)
     train_set, held_set = dataset.split(options.eval_fraction, options.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir(options.model))
     train, held = encode(tokenizer, train_set, options.max_length), encode(tokenizer, held_set, options.max_length)
     model, params, config, trainable, frozen = build(options, len(dataset.label_names))
+    out = prepare_out(options)
     f = apply(model, config) if config is not None else None
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
@@ -309,7 +319,7 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
             raise ValueError("--resume: only --mode lora runs write checkpoints")
         done, trainable, opt_state = checkpointer.restore(trainable, opt_state)
         start, history = done + 1, read_metrics(out, done + 1)  # rows count finished steps from 1
-        print(f"resumed from step {done} in {out / 'checkpoints'}")
+        print(f"resumed after step {done + 1} (checkpoints/{done} in {out})")
     print(summary)
     print(f"data: {dataset.source}, {len(train_set)} train / {len(held_set)} held-out examples, "
           f"{len(dataset.label_names)} classes {list(dataset.label_names)}")

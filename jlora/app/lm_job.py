@@ -46,7 +46,7 @@ def generation_eval(lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,
 
 def run(options: Any) -> dict[str, Any]:
     """Run the causal-LM job for resolved :class:`jlora.app.finetune.FinetuneOptions`; returns the final metrics."""
-    from jlora.app.finetune import batch_indices, make_optimizer, prepare_out
+    from jlora.app.finetune import batch_indices, check_out, make_optimizer, prepare_out
     from jlora.app.loop import Loop, run as run_loop
     from jlora.app.pods import gather
     from jlora.app.report import plot_metrics, read_metrics
@@ -60,8 +60,7 @@ def run(options: Any) -> dict[str, Any]:
     from jlora.train import make_train_step
 
     pods, primary = _pods(options)
-    out = prepare_out(options) if primary else Path(options.out)
-    _barrier("prepared the run folder")
+    check_out(options)  # refused before anything loads; made once the model and data did
     lm = clm.load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
                             dtype=options.dtype, remat=options.remat)
     if options.pack and not lm.isolates_segments:
@@ -79,6 +78,8 @@ def run(options: Any) -> dict[str, Any]:
     if len(train["input_ids"]) < options.batch:
         raise ValueError(f"--batch {options.batch}: only {len(train['input_ids'])} training rows of {options.seq_len} tokens")
 
+    out = prepare_out(options) if primary else Path(options.out)
+    _barrier("prepared the run folder")
     overrides = {"target_modules": options.targets} if options.targets else {}
     config = default_config(lm.model, r=options.rank, lora_alpha=options.alpha, **overrides)
     lora = init(jax.random.key(options.seed), lm.params, config)
@@ -108,7 +109,7 @@ def run(options: Any) -> dict[str, Any]:
         done, trainable, opt_state = checkpointer.restore(
             trainable, opt_state, shardings=(shardings.trainable, shardings.opt_state) if shardings else None)
         start, history = done + 1, read_metrics(out, done + 1)
-        print(f"resumed from step {done} in {out / 'checkpoints'}")
+        print(f"resumed after step {done + 1} (checkpoints/{done} in {out})")
     say = print if primary else (lambda *a, **k: None)
     say(summary)
     say(f"model: {lm.source} ({lm.family}); data: {options.data}: {stats['train_examples']} train examples in "
@@ -194,18 +195,17 @@ def _barrier(name: str) -> None:
 
 def export_all(out: Path, lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,
                overwrite: bool = False) -> dict[str, str]:
-    """``merged/`` (HF folder), ``adapter/`` (PEFT) and, for a Llama model, ``merged.gguf``."""
+    """``merged/`` (HF folder), ``adapter/`` (PEFT) and, for a Llama model loaded from GGUF, ``merged.gguf``
+    (its tokenizer fields are copied from the source file)."""
     from jlora.hf.export import export_merged
     from jlora.hf.peft import save_peft
 
-    done = {"merged": str(export_merged(out / "merged", lm.model, frozen, trainable, config, tokenizer=lm.tokenizer,
-                                        overwrite=overwrite)),
-            "adapter": str(save_peft(out / "adapter", lm.model, trainable, config, overwrite=overwrite))}
-    if lm.family == "llama" and lm.gguf:
-        import gguf
-        from jlora.hf.gguf_export import export_gguf
-        from jlora.hf.llama import _field
-        context = _field(gguf.GGUFReader(lm.gguf), "llama.context_length")  # the source's, not the run's cap
-        done["gguf"] = str(export_gguf(out / "merged.gguf", lm.model, frozen, trainable, config,
-                                       source_gguf=lm.gguf, context_length=int(context), overwrite=overwrite))
+    with lm.full_context():  # the exports carry the model's own context length, not the run's cap
+        done = {"merged": str(export_merged(out / "merged", lm.model, frozen, trainable, config,
+                                            tokenizer=lm.tokenizer, overwrite=overwrite)),
+                "adapter": str(save_peft(out / "adapter", lm.model, trainable, config, overwrite=overwrite))}
+        if lm.family == "llama" and lm.gguf:
+            from jlora.hf.gguf_export import export_gguf
+            done["gguf"] = str(export_gguf(out / "merged.gguf", lm.model, frozen, trainable, config,
+                                           source_gguf=lm.gguf, overwrite=overwrite))
     return done

@@ -52,12 +52,13 @@ def run(loop: Loop, trainable: Any, frozen: Any, opt_state: Any, start: int,
     try:
         for step in bar:
             batch = loop.batch_at(step)
-            trainable, opt_state, loss = loop.step_fn(trainable, opt_state, frozen, loop.place(batch))
-            completed = step
+            new_trainable, new_opt_state, loss = loop.step_fn(trainable, opt_state, frozen, loop.place(batch))
+            loss = float(loss)  # waits for the step: an interrupt before here leaves the previous step's state
+            trainable, opt_state, completed = new_trainable, new_opt_state, step  # (nothing is donated)
             for unit, n in loop.units(batch).items():
                 seen[unit] = seen.get(unit, 0) + n
             elapsed = time.time() - t0
-            row = {"step": step + 1, "loss": float(loss), **{f"{u}_per_s": n / elapsed for u, n in seen.items()}}
+            row = {"step": step + 1, "loss": loss, **{f"{u}_per_s": n / elapsed for u, n in seen.items()}}
             history.append(row)  # before anything an interrupt could cut short; eval adds to it
             bar.set_postfix(loss=f"{row['loss']:.4f}", **{u: f"{n / elapsed:.1f}/s" for u, n in seen.items()})
             if (step + 1) % loop.eval_every == 0 or step + 1 == loop.steps:
