@@ -1,12 +1,13 @@
 """The causal-LM job's train step (``jlora finetune --task causal-lm``) against the same step in PEFT + transformers.
 
     python benchmarks/sft_step.py [--rounds 7] [--steps 2] [--wait-quiet S] [--quiet-below 0.25] [--threads 2]
-                                  [--matmul-n 2048] [--tiny] [--out DIR] [--batch 4] [--seq-len 384]
+                                  [--matmul-n 2048] [--tiny] [--out DIR] [--batch 4] [--seq-len 384] [--all-positions]
 
 The CLI's default causal-LM step: LoRA (r=8, alpha=16, q_proj + v_proj) SFT of SmolLM2-135M-Instruct (the shipped
 GGUF) on a fixed batch: the first ``--batch`` packed rows of ``--seq-len`` tokens of the shipped BBC headline task
 (encoded to <= 192 tokens). jlora: built by the CLI's functions (``load_causal_lm``, ``default_config``, ``init``,
-``split``, ``make_loss`` (fused LM-head loss), ``make_optimizer``, ``make_train_step(donate=False,
+``split``, ``make_loss`` (fused LM-head loss, applied only at the CLI's ``targets_cap`` positions of largest
+weight unless ``--all-positions``: the bound the CLI computes over all training rows), ``make_optimizer``, ``make_train_step(donate=False,
 weight_fn=target_weight)``), compiled once, fed the numpy rows. PEFT: the same weights (``export_merged``) in
 ``AutoModelForCausalLM`` (float32, SDPA, train mode) under ``get_peft_model`` (jlora's r / alpha / targets and
 lora_a), torch AdamW (weight decay 0.01, the CLI's peak lr, no schedule) on ``--threads`` threads; packing as
@@ -63,7 +64,7 @@ def tiny_model_dir(root: Path) -> Path:
     return root
 
 
-def prepare_jlora(lm: Any, options: Any, data: dict[str, np.ndarray]) -> tuple[Any, dict, Any, Any]:
+def prepare_jlora(lm: Any, options: Any, data: dict[str, np.ndarray], cap: int | None) -> tuple[Any, dict, Any, Any]:
     """``(run, info, config, lora)``: the CLI's step, compiled once; ``info["loss0"]``: the loss at the initial
     adapter (a step whose update is dropped)."""
     import jlora
@@ -74,7 +75,7 @@ def prepare_jlora(lm: Any, options: Any, data: dict[str, np.ndarray]) -> tuple[A
     trainable, frozen = jlora.split(lm.params, lora, config)
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
-    step_fn = jlora.make_train_step(clm.make_loss(lm, jlora.apply(lm.model, config)), tx, donate=False,
+    step_fn = jlora.make_train_step(clm.make_loss(lm, jlora.apply(lm.model, config), targets_cap=cap), tx, donate=False,
                                     accumulate=options.accumulate, weight_fn=clm.target_weight)
     lowered = step_fn.lower(trainable, opt_state, frozen, data)
     cost = lowered.cost_analysis()
@@ -266,7 +267,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rows = clm.rows([encode(tok, e, options.max_length) for e in bbc_headlines()], options.seq_len,
                     packed=options.pack, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     data = {k: v[:options.batch] for k, v in rows.items()}  # the same batch every step
-    j_run, j_info, config, lora = prepare_jlora(lm, options, data)
+    cap = None if args.all_positions else clm.targets_cap(rows, options.batch // options.accumulate)  # as the CLI
+    j_run, j_info, config, lora = prepare_jlora(lm, options, data, cap)
     folder = jlora.hf.export_merged(root / "merged", lm.model, lm.params, lora, config, tokenizer=tok)
     p_run, p_info = prepare_peft(folder, config, lora, data, args.threads, options.lr)
     rel = abs(j_info["loss0"] - p_info["loss0"]) / abs(p_info["loss0"])
@@ -288,6 +290,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "tiny": args.tiny, "threads": args.threads, "lora_config": config.to_dict(),
         "options": dataclasses.asdict(options),
+        "jlora_targets_cap": cap,
         "equivalence": {"jlora_loss": j_info["loss0"], "torch_loss": p_info["loss0"], "relative_diff": rel,
                         "rtol": LOSS_RTOL, "packed_logits_max_abs_diff": p_info["packed_logits_max_abs_diff"]},
         "workload": {"model": "tiny random-init Llama" if args.tiny else "SmolLM2-135M-Instruct (shipped GGUF)",
@@ -335,6 +338,8 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each round, wait up to this long for a quiet machine (0: do not wait)")
     parser.add_argument("--tiny", action="store_true", help="a random-init 2-layer, hidden-64 Llama (smoke test)")
+    parser.add_argument("--all-positions", action="store_true",
+                        help="jlora applies the LM head at every position (as PEFT), not only where targets are")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.matmul_n = args.matmul_n or (256 if args.tiny else 2048)

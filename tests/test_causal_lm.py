@@ -175,3 +175,16 @@ def test_peft_loads_the_run_adapter_with_the_same_logits(tiny_model, tmp_path):
         theirs = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     ours = np.asarray(f(frozen, trainable, ids).logits)
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+def test_head_at_target_positions_only_gives_the_same_loss_and_gradients(tiny_model, tokenizer):
+    lm, config, trainable, frozen, f = _setup(tiny_model)
+    batch = clm.rows(_examples(tokenizer, 8), 256, packed=True, pad_id=2)
+    cap = clm.targets_cap(batch, len(batch["input_ids"]))
+    assert cap is not None and cap < batch["input_ids"].size // 2
+    full, capped = (jax.value_and_grad(clm.make_loss(lm, f, targets_cap=c))(trainable, frozen, batch) for c in (None, cap))
+    np.testing.assert_allclose(float(capped[0]), float(full[0]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(capped[1]), jax.tree_util.tree_leaves(full[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    text = {k: np.ones_like(v) if k == "weights" else v for k, v in batch.items()}  # every token a target
+    assert clm.targets_cap(text, len(text["input_ids"])) is None

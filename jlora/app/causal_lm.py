@@ -183,12 +183,17 @@ def rows(encoded: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *, packed: 
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def make_loss(lm: CausalLM, f: Any, *, fused: bool = True, chunk_size: int = 1024) -> Any:
+def make_loss(lm: CausalLM, f: Any, *, fused: bool = True, chunk_size: int = 1024,
+              targets_cap: int | None = None) -> Any:
     """``loss(trainable, frozen, batch)``: weighted next-token cross-entropy over a batch of rows
     (``input_ids``, ``weights``, ``segment_ids``, ``positions``, each ``(rows, seq_len)``).
 
     ``fused``: from the final hidden states and the head kernel (:func:`jlora.lm_head_cross_entropy`);
-    else from the model's logits (needed when the head itself is adapted).
+    else from the model's logits (needed when the head itself is adapted). ``targets_cap`` (fused
+    only): the head is applied at the ``targets_cap`` positions of largest weight instead of at every
+    position -- with a completion-only loss most positions have weight 0 and their logits are
+    wasted work. It must be at least the number of weighted positions of any batch the loss sees
+    (:func:`targets_cap` computes such a bound from the rows); then the loss is the same.
     """
     def loss(trainable: Any, frozen: Any, batch: dict[str, jax.Array]) -> jax.Array:
         ids, segments = batch["input_ids"], batch["segment_ids"]
@@ -203,9 +208,23 @@ def make_loss(lm: CausalLM, f: Any, *, fused: bool = True, chunk_size: int = 102
             return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1e-30)
         hidden = f(frozen, trainable, ids, output_hidden_states=True, **kwargs).hidden_states[-1]
         kernel = lm.head_kernel(_combine(frozen, trainable))
+        if targets_cap is not None and targets_cap < weights.size:
+            picked = jnp.argsort(-weights.reshape(-1), stable=True)[:targets_cap]  # weighted positions first
+            hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
+            labels, weights = labels.reshape(-1)[picked], weights.reshape(-1)[picked]
         return lm_head_cross_entropy(hidden, kernel, labels, weights, transposed=lm.head_transposed,
                                      chunk_size=chunk_size)
     return loss
+
+
+def targets_cap(data: dict[str, np.ndarray], rows_per_batch: int, multiple: int = 64) -> int | None:
+    """An upper bound on the weighted positions of any ``rows_per_batch`` rows of ``data``: the sum of
+    the largest per-row counts, rounded up to ``multiple``; None when it saves less than half the
+    positions (e.g. continued pre-training, where every token is a target)."""
+    counts = np.asarray(next_token_targets(data["input_ids"], data["weights"], data["segment_ids"])[1] > 0).sum(1)
+    bound = int(np.sort(counts)[::-1][:rows_per_batch].sum())
+    cap = max(multiple, -(-bound // multiple) * multiple)
+    return cap if cap <= rows_per_batch * data["input_ids"].shape[1] // 2 else None
 
 
 def _combine(frozen: Any, trainable: Any) -> Any:

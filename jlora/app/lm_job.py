@@ -86,7 +86,10 @@ def run(options: Any) -> dict[str, Any]:
     trainable, frozen = split(lm.params, lora, config)
     host_frozen = frozen  # generation and exports read host copies (any mesh, any number of processes)
     head_adapted = lm.head_module in make_plan(lm.params, config, lora=lora)
-    loss_fn = clm.make_loss(lm, apply(lm.model, config), fused=not head_adapted)
+    f = apply(lm.model, config)  # the head only where targets are (a bound over every possible batch):
+    loss_fn = clm.make_loss(lm, f, fused=not head_adapted,
+                            targets_cap=clm.targets_cap(train, options.batch // options.accumulate))
+    score_fn = clm.make_loss(lm, f, fused=not head_adapted, targets_cap=clm.targets_cap(held, options.batch))
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
     shardings = None
@@ -103,7 +106,7 @@ def run(options: Any) -> dict[str, Any]:
     checkpointer = AdapterCheckpointer(out / "checkpoints", config, lm.params, max_to_keep=2)
     step_fn = make_train_step(loss_fn, tx, shardings, donate=False, accumulate=options.accumulate,
                               weight_fn=clm.target_weight)
-    score = clm.make_scorer(loss_fn, options.batch)
+    score = clm.make_scorer(score_fn, options.batch)
     start, history = 0, []
     if options.resume:
         done, trainable, opt_state = checkpointer.restore(
