@@ -188,3 +188,15 @@ def matmul_probes(n: int, threads: int | None = None) -> tuple[dict[str, Callabl
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     out = torch.empty(n, n)
     return {"xla_matmul": lambda: jmm(ja, jb), "torch_matmul": lambda: torch.mm(ta, tb, out=out)}, 2.0 * n ** 3
+
+
+def header_lines(result: dict[str, Any]) -> list[str]:
+    """The machine and its load before/after, the first lines of a benchmark's printed table."""
+    return [machine_line(result["machine"]["info"]),
+            f"load (/proc/loadavg) before: {result['machine']['loadavg_before']}; after: "
+            f"{result['machine']['loadavg_after']}"]
+
+
+def md_row(name: str, cells: list[str]) -> str:
+    """One markdown table row."""
+    return f"| {name} | " + " | ".join(cells) + " |"

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import tempfile
@@ -47,8 +46,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from machine import CpuLoad, loadavg, machine_info, machine_line, matmul_probes, wait_quiet
-from timing import alternate, paired, round_medians, spread, summary
+from machine import CpuLoad, header_lines, loadavg, machine_info, md_row, matmul_probes, wait_quiet
+from timing import alternate, alternation_footer, paired, round_medians, spread, summary, write_result
 
 NUM_LABELS, VOCAB_HIGH, SEED = 5, 30000, 0
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
@@ -150,14 +149,10 @@ def prepare_peft(path: Path, config: Any, data: dict[str, np.ndarray], threads: 
 
 def table(result: dict) -> str:
     sides, alt, mm = [result[s] for s in SIDES], result["alternation"], result["alternation"]["matmul"]
-    ratio, quiet, w = alt["ratios"]["jlora_lora/peft_lora"], alt["ratios_quiet"], result["workload"]
-    mem = result["jlora_lora"]["memory"]
+    w, mem = result["workload"], result["jlora_lora"]["memory"]
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-    row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"  # noqa: E731
-    other = alt["other_cores"]
-    lines = [machine_line(result["machine"]["info"]),
-             f"load (/proc/loadavg) before: {result['machine']['loadavg_before']}; after: "
-             f"{result['machine']['loadavg_after']}",
+    row = md_row
+    lines = [*header_lines(result),
              f"main job step: {w['model']} ({w['layers']} layers, hidden {w['hidden']}), {w['num_labels']} classes, "
              f"batch {w['batch']}x{w['seq']}, LoRA r={w['r']} alpha={w['alpha']} on {', '.join(w['targets'])} + "
              f"{', '.join(w['modules_to_save'])}, dropout hidden {w['hidden_dropout']} / attention "
@@ -189,20 +184,7 @@ def table(result: dict) -> str:
              row("XLA argument / output / temp (MiB)", [f"{mib(mem['argument'])} / {mib(mem['output'])} / "
                                                        f"{mib(mem['temp'])}" if mem else "n/a", ""]),
              "",
-             f"jlora / PEFT step time = {spread(ratio)} (median (min–max) of per-round ratios over {ratio['rounds']} "
-             f"rounds); per round: " + " ".join(f"{x:.2f}" for x in ratio["per_round"]),
-             f"quiet rounds (other processes < {alt['quiet_below_cores']} cores): " + (
-                 f"{len(alt['quiet_rounds'])} of {alt['rounds']}; "
-                 f"jlora / PEFT = {spread(quiet['jlora_lora/peft_lora'])}"
-                 if quiet else "none"),
-             f"one {mm['n']}x{mm['n']} @ {mm['n']}x{mm['n']} fp32 matmul, GFLOP/s median (min–max): XLA "
-             f"{spread(mm['xla_matmul'], '.0f', 1e9)}, torch {spread(mm['torch_matmul'], '.0f', 1e9)}",
-             "other processes' CPU during the rounds (cores, /proc/stat): " + (
-                 f"median {other['median']:.2f} (min–max {other['min']:.2f}–{other['max']:.2f}); per round: "
-                 + " ".join(f"{x:.2f}" for x in other["per_round"]) if other else "n/a"),
-             *([f"waited for a quiet machine before each round (up to {alt['wait_quiet_s']:.0f} s): "
-                + " ".join(f"{x['waited_s']:.0f}s{'' if x['quiet'] else '(not quiet)'}" for x in alt["waited"])]
-               if alt["waited"] else [])]
+             *alternation_footer(alt)]
     return "\n".join(lines)
 
 
@@ -282,10 +264,7 @@ def main() -> None:
             from jlora.hf.shipped import minilm_path
             path = minilm_path()
         result = measure(args, path)
-    result["table"] = report = table(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "main_job_step.json").write_text(json.dumps(result, indent=2, default=str))
+    write_result(args.out, "main_job_step", result, table)
 
 
 if __name__ == "__main__":

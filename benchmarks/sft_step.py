@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import tempfile
@@ -35,9 +34,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from machine import CpuLoad, loadavg, machine_info, machine_line, matmul_probes, wait_quiet
+from machine import CpuLoad, header_lines, loadavg, machine_info, md_row, matmul_probes, wait_quiet
 from main_job_step import attention_flops
-from timing import alternate, paired, round_medians, spread, summary
+from timing import alternate, alternation_footer, paired, round_medians, spread, summary, write_result
 
 SEED, LOSS_RTOL, LOGITS_ATOL = 0, 1e-4, 2e-3
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -204,15 +203,11 @@ def prepare_peft(folder: Path, config: Any, lora: Any, data: dict[str, np.ndarra
 
 def table(result: dict) -> str:
     sides, alt, w, eq = [result[s] for s in SIDES], result["alternation"], result["workload"], result["equivalence"]
-    ratio, quiet, mm, other = alt["ratios"]["jlora_lora/peft_lora"], alt["ratios_quiet"], alt["matmul"], \
-        alt["other_cores"]
+    quiet, mm = alt["ratios_quiet"], alt["matmul"]
     j, mem, t = result["jlora_lora"], result["jlora_lora"]["memory"], result["peft_lora"]["peak_tensors"]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
-    row = lambda name, cells: f"| {name} | " + " | ".join(cells) + " |"  # noqa: E731
-    per = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
-    lines = [machine_line(result["machine"]["info"]),
-             f"load (/proc/loadavg) before: {result['machine']['loadavg_before']}; after: "
-             f"{result['machine']['loadavg_after']}",
+    row = md_row
+    lines = [*header_lines(result),
              f"SFT step: {w['model']} ({w['layers']} layers, hidden {w['hidden']}, vocab {w['vocab']}), batch "
              f"{w['batch']}x{w['seq']} packed ({w['tokens']} tokens, {w['targets']} targets), LoRA r={w['r']} "
              f"alpha={w['alpha']} on {', '.join(w['target_modules'])}, lr {w['lr']}, {result['threads']} torch "
@@ -238,19 +233,7 @@ def table(result: dict) -> str:
                  [f"{mib(j['peak_bytes'])} ({mib(mem.get('argument'))} + {mib(mem.get('temp'))} + "
                   f"{mib(mem.get('output'))})", f"{mib(t['total'])} ({mib(t['existing'])} + {mib(t['step_peak'])})"]),
              "",
-             f"jlora / PEFT step time = {spread(ratio)} (median (min–max) of per-round ratios over {ratio['rounds']} "
-             f"rounds); per round: {per(ratio['per_round'])}",
-             f"quiet rounds (other processes < {alt['quiet_below_cores']} cores): " + (
-                 f"{len(alt['quiet_rounds'])} of {alt['rounds']}; "
-                 f"jlora / PEFT = {spread(quiet['jlora_lora/peft_lora'])}" if quiet else "none"),
-             f"one {mm['n']}² fp32 matmul, GFLOP/s median (min–max): XLA {spread(mm['xla_matmul'], '.0f', 1e9)}, "
-             f"torch {spread(mm['torch_matmul'], '.0f', 1e9)}",
-             "other processes' CPU during the rounds (cores, /proc/stat): " + (
-                 f"median {other['median']:.2f} (min–max {other['min']:.2f}–{other['max']:.2f}); per round: "
-                 f"{per(other['per_round'])}" if other else "n/a"),
-             *([f"waited for a quiet machine before each round (up to {alt['wait_quiet_s']:.0f} s): "
-                + " ".join(f"{x['waited_s']:.0f}s{'' if x['quiet'] else '(not quiet)'}" for x in alt["waited"])]
-               if alt["waited"] else [])]
+             *alternation_footer(alt)]
     return "\n".join(lines)
 
 
@@ -345,10 +328,7 @@ def main() -> None:
     args.matmul_n = args.matmul_n or (256 if args.tiny else 2048)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args, Path(tmp))
-    result["table"] = report = table(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sft_step.json").write_text(json.dumps(result, indent=2, default=str))
+    write_result(args.out, "sft_step", result, table)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,33 @@ def time_inference(base_fwd: Callable, lora_fwd: Callable, params: Any, lora: An
         out[f"{batch}x{seq}"] = {**{name: statistics.median(t) for name, t in times.items()}, "rounds": len(
             times["base_s"]), "merged_over_base": paired("merged_s"), "unmerged_over_base": paired("unmerged_s")}
     return out
+
+
+def alternation_footer(alt: dict[str, Any], ratio_key: str = "jlora_lora/peft_lora") -> list[str]:
+    """The lines under a jlora-vs-PEFT step table: the per-round ratio, the quiet rounds, the matmul
+    probe, the other processes' CPU and the waits (``alt``: the ``alternation`` record of a result)."""
+    ratio, quiet, mm, other = alt["ratios"][ratio_key], alt["ratios_quiet"], alt["matmul"], alt["other_cores"]
+    per = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    return [f"jlora / PEFT step time = {spread(ratio)} (median (min–max) of per-round ratios over {ratio['rounds']} "
+            f"rounds); per round: {per(ratio['per_round'])}",
+            f"quiet rounds (other processes < {alt['quiet_below_cores']} cores): " + (
+                f"{len(alt['quiet_rounds'])} of {alt['rounds']}; jlora / PEFT = {spread(quiet[ratio_key])}"
+                if quiet else "none"),
+            f"one {mm['n']}² fp32 matmul, GFLOP/s median (min–max): XLA {spread(mm['xla_matmul'], '.0f', 1e9)}, "
+            f"torch {spread(mm['torch_matmul'], '.0f', 1e9)}",
+            "other processes' CPU during the rounds (cores, /proc/stat): " + (
+                f"median {other['median']:.2f} (min–max {other['min']:.2f}–{other['max']:.2f}); per round: "
+                f"{per(other['per_round'])}" if other else "n/a"),
+            *([f"waited for a quiet machine before each round (up to {alt['wait_quiet_s']:.0f} s): "
+               + " ".join(f"{x['waited_s']:.0f}s{'' if x['quiet'] else '(not quiet)'}" for x in alt["waited"])]
+              if alt["waited"] else [])]
+
+
+def write_result(out: Any, name: str, result: dict[str, Any], table: Callable[[dict[str, Any]], str]) -> None:
+    """Add the printed ``table(result)`` to ``result``, print it, and write ``<out>/<name>.json``."""
+    import json
+    from pathlib import Path
+    result["table"] = report = table(result)
+    print(report)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))

@@ -1,8 +1,5 @@
 """Shared by the causal-LM tests: a tiny random tied Llama with SmolLM2's real tokenizer (an HF folder
 with PyTorch-named safetensors), the CLI flags of a tiny run, and the CLI runner."""
-import subprocess
-import sys
-
 import pytest
 import transformers as tf
 
@@ -10,6 +7,7 @@ import jlora
 from jlora.hf.export import atomic_dir
 from jlora.hf.llama import FlaxLlamaForCausalLMFixed, read_gguf_tokenizer
 from jlora.hf.names import to_torch_state
+from cli_runs import jlora_cli  # noqa: F401 (re-exported for the causal-LM tests)
 
 TINY = ["--task", "causal-lm", "--batch", "2", "--max-length", "64", "--seq-len", "128", "--eval-examples", "4",
         "--gen-examples", "2", "--max-new-tokens", "4", "--no-progress"]
@@ -42,6 +40,3 @@ def tiny_model(tmp_path_factory, tokenizer):
     return folder
 
 
-def jlora_cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "jlora.app.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)

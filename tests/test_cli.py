@@ -1,18 +1,12 @@
 """The jlora command end to end on a tiny BERT and the real shipped BBC News data."""
 import json
-import re
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import transformers as tf
 
 import jlora
+from cli_runs import check_ctrl_c_then_resume, jlora_cli
 from jlora.app.data import load_csv
 from jlora.app.finetune import model_dir
 from jlora.hf.export import atomic_dir
@@ -34,11 +28,6 @@ def tiny_model(tmp_path_factory):
         config.to_json_file(str(tmp / "config.json"))
         tf.AutoTokenizer.from_pretrained(jlora.hf.minilm_path()).save_pretrained(str(tmp))
     return folder
-
-
-def jlora_cli(*args, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "jlora.app.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def test_finetune_eval_export_end_to_end(tiny_model, tmp_path):
@@ -76,27 +65,7 @@ def test_existing_output_is_refused_unless_overwrite(tiny_model, tmp_path):
 def test_ctrl_c_saves_and_resume_continues_the_same_losses(tiny_model, tmp_path):
     flags = ["--model", tiny_model, "--no-export", "--steps", "8", "--eval-every", "2", "--batch", "8",
              "--max-length", "32", "--no-progress"]
-    straight = jlora_cli("finetune", "--out", tmp_path / "straight", *flags)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jlora.app.cli", "finetune", "--out", str(tmp_path / "cut"),
-                             *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 4:"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130, "".join(seen) + rest
-    assert "checkpoint saved" in rest
-    resumed = jlora_cli("finetune", "--out", tmp_path / "cut", "--resume", *flags)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert re.search(r"resumed after step \d+ \(checkpoints/\d+ in ", resumed.stdout), resumed.stdout
-
-    def losses(run):
-        return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    check_ctrl_c_then_resume(flags, tmp_path, "step 4:")
 
 
 def test_csv_that_does_not_parse_names_the_line(tmp_path):

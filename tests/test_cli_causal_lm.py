@@ -2,10 +2,6 @@
 SmolLM2's real tokenizer and the real shipped BBC headline data: the run folder, exports, Ctrl-C and
 resume, bad input, a GGUF model in and a merged GGUF out, named meshes and 2 processes."""
 import json
-import re
-import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +10,8 @@ import transformers as tf
 
 import jlora
 from jlora.hf.llama import FlaxLlamaForCausalLMFixed
-from llm_cases import TINY, jlora_cli, tiny_llama_config, tiny_model, tokenizer  # noqa: F401 (fixtures)
+from cli_runs import check_ctrl_c_then_resume, jlora_cli
+from llm_cases import TINY, tiny_llama_config, tiny_model, tokenizer  # noqa: F401 (fixtures)
 
 
 def test_finetune_causal_lm_end_to_end(tiny_model, tmp_path):
@@ -42,25 +39,7 @@ def test_finetune_causal_lm_end_to_end(tiny_model, tmp_path):
 def test_ctrl_c_and_resume_give_the_uninterrupted_losses(tiny_model, tmp_path):
     flags = [*TINY, "--model", tiny_model, "--no-export", "--steps", "6", "--eval-every", "2", "--gen-examples", "0",
              "--accumulate", "2"]
-    straight = jlora_cli("finetune", "--out", tmp_path / "straight", *flags)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jlora.app.cli", "finetune", "--out", str(tmp_path / "cut"),
-                             *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step 2:"):
-            proc.send_signal(signal.SIGINT)
-            break
-    rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 130 and "checkpoint saved" in rest, "".join(seen) + rest
-    resumed = jlora_cli("finetune", "--out", tmp_path / "cut", "--resume", *flags)
-    assert resumed.returncode == 0 and re.search(r"resumed after step \d+ \(checkpoints/\d+ in ", resumed.stdout), resumed.stderr[-3000:]
-
-    def losses(run):
-        return {r["step"]: r.get("loss") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    check_ctrl_c_then_resume(flags, tmp_path, "step 2:")
 
 
 def test_bad_input_is_named(tiny_model, tmp_path):
