@@ -31,6 +31,7 @@ import numpy as np
 
 from jlora.app.sft_data import SftExample, bbc_headlines, encode, pack, read_jsonl, read_text
 from jlora.losses import lm_head_cross_entropy, next_token_targets
+from jlora.tree import combine
 
 FAMILIES = ("llama", "mistral", "gemma", "gpt2")
 # (head module, kernel leaf, stored transposed) of each family when the head is tied to the embedding
@@ -207,7 +208,7 @@ def make_loss(lm: CausalLM, f: Any, *, fused: bool = True, chunk_size: int = 102
             nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1e-30)
         hidden = f(frozen, trainable, ids, output_hidden_states=True, **kwargs).hidden_states[-1]
-        kernel = lm.head_kernel(_combine(frozen, trainable))
+        kernel = lm.head_kernel(combine(frozen, trainable))
         if targets_cap is not None and targets_cap < weights.size:
             picked = jnp.argsort(-weights.reshape(-1), stable=True)[:targets_cap]  # weighted positions first
             hidden = hidden.reshape(-1, hidden.shape[-1])[picked]
@@ -227,11 +228,6 @@ def targets_cap(data: dict[str, np.ndarray], rows_per_batch: int, multiple: int 
     return cap if cap <= rows_per_batch * data["input_ids"].shape[1] // 2 else None
 
 
-def _combine(frozen: Any, trainable: Any) -> Any:
-    from jlora.tree import combine
-    return combine(frozen, trainable)
-
-
 def target_weight(batch: dict[str, jax.Array]) -> jax.Array:
     """The number of loss targets in a batch (its weight in gradient accumulation)."""
     return next_token_targets(batch["input_ids"], batch["weights"], batch["segment_ids"])[1].sum()
@@ -240,7 +236,10 @@ def target_weight(batch: dict[str, jax.Array]) -> jax.Array:
 def make_scorer(loss_fn: Any, batch_rows: int) -> Any:
     """``score(trainable, frozen, rows) -> {"eval_loss", "eval_perplexity"}``: the token-weighted
     held-out loss over every row (jitted once; the last partial batch is padded with empty rows)."""
-    run = jax.jit(lambda t, fz, b: (loss_fn(t, fz, b) * target_weight(b), target_weight(b)))
+    @jax.jit
+    def run(t: Any, fz: Any, b: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        weight = target_weight(b)
+        return loss_fn(t, fz, b) * weight, weight
 
     def score(trainable: Any, frozen: Any, data: dict[str, np.ndarray]) -> dict[str, float]:
         total, count, n = 0.0, 0.0, len(data["input_ids"])

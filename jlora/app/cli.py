@@ -153,17 +153,15 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _export_causal_lm(args: argparse.Namespace, run: Path, options: FinetuneOptions, config: Any) -> int:
     import jax
-    from jlora.app.causal_lm import load_causal_lm
     from jlora.app.finetune import make_optimizer
-    from jlora.app.lm_job import export_all
+    from jlora.app.lm_job import export_all, load_model
     from jlora.checkpoint import AdapterCheckpointer
     from jlora.core import init
     from jlora.hf.export import atomic_dir, export_merged
     from jlora.hf.peft import save_peft
     from jlora.optim import split
 
-    lm = load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
-                        dtype=options.dtype)
+    lm = load_model(options)
     if args.format == "gguf" and not (lm.family == "llama" and lm.gguf):
         raise ValueError(f"--format gguf: GGUF export is for Llama models loaded from GGUF; {lm.source} is not one")
     trainable, frozen = split(lm.params, init(jax.random.key(0), lm.params, config), config)

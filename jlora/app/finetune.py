@@ -188,35 +188,6 @@ def build(options: FinetuneOptions, num_labels: int) -> tuple[Any, Any, LoraConf
     return model, params, None, params, {}
 
 
-def _place_on_mesh(options: FinetuneOptions, model: Any, params: Any, config: LoraConfig | None,
-                   tx: optax.GradientTransformation, trainable: Any, frozen: Any) -> tuple[Any, Any]:
-    """``(pods, shardings)`` of ``--mesh``: base specs by the mesh's rules, the rest by ``plan_shardings``
-    (head/full modes: the trained leaves keep their base specs)."""
-    from jax.sharding import PartitionSpec as P
-    from jlora.app.pods import Pods
-    from jlora.intercept import find_layouts
-    from jlora.sharding import named, opt_state_specs
-    from jlora.train import Shardings, plan_shardings
-    from jlora.tree import flatten, unflatten
-
-    pods = Pods.build(options.mesh)
-    if options.batch % pods.rows_divisor:
-        raise ValueError(f"--batch {options.batch} does not split over the {pods.rows_divisor} devices of the mesh's "
-                         f"batch axes {pods.batch_axes}")
-    specs = pods.base_specs(params, find_layouts(model, params))
-    rows = P(pods.batch_axes or None)
-    batch_spec = {"input_ids": rows, "attention_mask": rows, "labels": rows, "rng": P()}  # the key: replicated
-    if config is not None:
-        return pods, plan_shardings(pods.mesh, params, specs, trainable, frozen, tx, config, batch_spec=batch_spec,
-                                    model=model)
-    flat = flatten(specs, "specs")
-    pick = lambda tree: unflatten({k: flat[k] for k in flatten(tree, "tree")})  # noqa: E731
-    return pods, Shardings(trainable=named(pods.mesh, pick(trainable)),
-                           opt_state=named(pods.mesh, opt_state_specs(tx, trainable, pick(trainable))),
-                           frozen=named(pods.mesh, pick(frozen)) if frozen else {},
-                           batch=named(pods.mesh, batch_spec), replicated=named(pods.mesh, P()))
-
-
 def dropout_key(seed: int) -> jax.Array:
     """The root key of the training dropout masks (step ``s`` uses ``fold_in(key, s)``): the bits of
     ``jax.random.key(seed + 1)``, drawn with :func:`jlora.rng.key` (threefry's rounds fused into one
@@ -307,9 +278,15 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
                               donate=False)
     evaluate = make_evaluator(model, f)
 
-    pods = _place_on_mesh(options, model, params, config, tx, trainable, frozen) if options.mesh else None
-    if pods is not None:
-        pods, shardings = pods
+    pods = None
+    if options.mesh:
+        from jax.sharding import PartitionSpec as P
+        from jlora.app.pods import Pods
+        pods = Pods.build(options.mesh)
+        pods.check_rows(options.batch)
+        rows = P(pods.batch_axes or None)
+        shardings = pods.shardings(model, params, trainable, frozen, tx, config, batch_spec={
+            "input_ids": rows, "attention_mask": rows, "labels": rows, "rng": P()})  # the dropout key: replicated
         trainable, opt_state, frozen = shardings.place(trainable, opt_state, frozen)
         step_fn = make_train_step(lambda t, fz, b: _loss_and_logits(model, f, t, fz, b, b["rng"], True)[0], tx,
                                   shardings, donate=False)

@@ -61,8 +61,7 @@ def run(options: Any) -> dict[str, Any]:
 
     pods, primary = _pods(options)
     check_out(options)  # refused before anything loads; made once the model and data did
-    lm = clm.load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
-                            dtype=options.dtype, remat=options.remat)
+    lm = load_model(options)
     if options.pack and not lm.isolates_segments:
         raise ValueError(f"--pack: packed rows need attention kept within each example, which jlora gives "
                          f"Llama-family models; {lm.family} would attend across examples. Pass --no-pack")
@@ -94,7 +93,9 @@ def run(options: Any) -> dict[str, Any]:
     opt_state = tx.init(trainable)
     shardings = None
     if pods is not None:
-        trainable, opt_state, frozen, shardings = _shard(pods, lm, config, trainable, opt_state, frozen, tx)
+        from jax.sharding import PartitionSpec as P
+        shardings = pods.shardings(lm.model, lm.params, trainable, frozen, tx, config, P(pods.batch_axes or None))
+        trainable, opt_state, frozen = shardings.place(trainable, opt_state, frozen)
     summary = str(count(lm.params, lora, config))
     stats = {"train_examples": len(train_enc), "held_out_examples": len(held_enc), "train_rows": len(train["input_ids"]),
              "train_target_tokens": int(sum(w.sum() for _, w in train_enc)),
@@ -166,28 +167,19 @@ def run(options: Any) -> dict[str, Any]:
     return final
 
 
+def load_model(options: Any) -> clm.CausalLM:
+    """The run's model, with room for its rows and for a prompt plus the generated tokens."""
+    return clm.load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
+                              dtype=options.dtype, remat=options.remat)
+
+
 def _pods(options: Any) -> tuple[Any, bool]:
     """The mesh of ``--mesh`` (None without one) and whether this is the primary process."""
     from jlora.app.pods import Pods
     pods = Pods.build(options.mesh) if options.mesh else None
-    if pods is not None and options.batch % (pods.rows_divisor * options.accumulate):
-        raise ValueError(f"--batch {options.batch}: each of the --accumulate {options.accumulate} micro-batches must "
-                         f"split over the {pods.rows_divisor} devices of the mesh's batch axes {pods.batch_axes}")
+    if pods is not None:
+        pods.check_rows(options.batch, options.accumulate)
     return pods, jax.process_index() == 0
-
-
-def _shard(pods: Any, lm: clm.CausalLM, config: Any, trainable: Any, opt_state: Any, frozen: Any, tx: Any
-           ) -> tuple[Any, Any, Any, Any]:
-    """Base specs by the mesh's rules, everything else by ``jlora.plan_shardings``; the states placed."""
-    from jax.sharding import PartitionSpec as P
-    from jlora.intercept import find_layouts
-    from jlora.train import plan_shardings
-
-    specs = pods.base_specs(lm.params, find_layouts(lm.model, lm.params))
-    shardings = plan_shardings(pods.mesh, lm.params, specs, trainable, frozen, tx, config,
-                               batch_spec=P(pods.batch_axes or None), model=lm.model)
-    trainable, opt_state, frozen = shardings.place(trainable, opt_state, frozen)
-    return trainable, opt_state, frozen, shardings
 
 
 def _barrier(name: str) -> None:

@@ -85,6 +85,34 @@ class Pods:
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(self.batch_axes or None))
 
+    def check_rows(self, batch: int, micro_batches: int = 1) -> None:
+        """Refuse a ``--batch`` whose (micro-)batches do not split over the batch axes' devices."""
+        if batch % (self.rows_divisor * micro_batches):
+            each = f"each of the --accumulate {micro_batches} micro-batches" if micro_batches > 1 else "it"
+            raise ValueError(f"--batch {batch}: {each} must split over the {self.rows_divisor} devices of the mesh's "
+                             f"batch axes {self.batch_axes}")
+
+    def shardings(self, model: Any, params: Tree, trainable: Tree, frozen: Tree, tx: Any, config: Any,
+                  batch_spec: Any) -> Any:
+        """The train step's :class:`jlora.train.Shardings`: base specs by the rules above (axis roles read
+        off ``model``), the adapters, optimizer state and frozen tree by :func:`jlora.plan_shardings`;
+        without a LoRA ``config`` (head / full fine-tuning) the trained leaves keep their base specs.
+        ``batch_spec``: a PartitionSpec for every batch leaf, or a tree of them."""
+        from jlora.intercept import find_layouts
+        from jlora.sharding import named, opt_state_specs
+        from jlora.train import Shardings, plan_shardings
+
+        specs = self.base_specs(params, find_layouts(model, params))
+        if config is not None:
+            return plan_shardings(self.mesh, params, specs, trainable, frozen, tx, config, batch_spec=batch_spec,
+                                  model=model)
+        flat = flatten(specs, "specs")
+        pick = lambda tree: unflatten({k: flat[k] for k in flatten(tree, "tree")})  # noqa: E731
+        return Shardings(trainable=named(self.mesh, pick(trainable)),
+                         opt_state=named(self.mesh, opt_state_specs(tx, trainable, pick(trainable))),
+                         frozen=named(self.mesh, pick(frozen)) if frozen else {},
+                         batch=named(self.mesh, batch_spec), replicated=NamedSharding(self.mesh, P()))
+
     def base_specs(self, params: Tree, layouts: dict[str, Any]) -> Tree:
         """A PartitionSpec per leaf of ``params`` (``layouts``: ``{module path: KernelLayout}``)."""
         tensor, fsdp = self.axes.get("tensor", 1), self.axes.get("fsdp", 1)
