@@ -92,7 +92,8 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
     each decoder layer's activations in the backward pass.
     """
     import transformers
-    from jlora.hf.llama import FlaxLlamaForCausalLMFixed, FlaxLlamaForCausalLMRemat, load_gguf_llama, read_gguf_tokenizer
+    from jlora.hf.llama import (FlaxLlamaForCausalLMFixed, FlaxLlamaForCausalLMRemat, load_gguf_llama, open_gguf,
+                                 read_gguf_tokenizer)
 
     transformers.logging.set_verbosity_error()
     path = Path(name)
@@ -103,11 +104,11 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
         elif not path.is_file():
             raise FileNotFoundError(f"--model: {name!r}: no such GGUF file")
         try:
-            import gguf
-            context = int(gguf.GGUFReader(str(path)).fields["llama.context_length"].parts[-1][0])
-            model, params = load_gguf_llama(path, max_position_embeddings=max_positions, dtype=jnp.dtype(dtype),
+            reader = open_gguf(path)  # parsed once for the config, the weights and the tokenizer
+            context = int(reader.fields["llama.context_length"].parts[-1][0])
+            model, params = load_gguf_llama(reader, max_position_embeddings=max_positions, dtype=jnp.dtype(dtype),
                                             remat=remat)
-            tokenizer = read_gguf_tokenizer(path)
+            tokenizer = read_gguf_tokenizer(reader)
         except (ValueError, KeyError, OSError) as err:
             raise ValueError(f"--model: {path} is not a Llama GGUF file jlora can read: {err}") from None
         return CausalLM(model, params, tokenizer, str(path), "llama", *_head("llama", params), context, gguf=str(path))

@@ -185,12 +185,21 @@ def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
 
 
-def read_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | None = None
+def open_gguf(path: Any) -> Any:
+    """A ``gguf.GGUFReader`` of ``path``, or ``path`` itself if it is one already (parsing a file's
+    metadata takes ~2 s for SmolLM2's 49k-token vocabulary: open it once, pass the reader around)."""
+    import gguf
+    return path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
+
+
+def read_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: int | None = None
                     ) -> tuple[LlamaConfig, dict[str, Any]]:
-    """``(LlamaConfig, Flax params)`` from a Llama GGUF file, dequantized to float32."""
+    """``(LlamaConfig, Flax params)`` from a Llama GGUF file (or an open ``gguf.GGUFReader``), dequantized
+    to float32."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
+    path = reader.data.filename if path is reader else path
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     if arch != "llama":
         raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are supported")
@@ -232,7 +241,7 @@ def read_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | N
     return config, unflatten(flat)
 
 
-def load_gguf_llama(path: str | os.PathLike, *, max_position_embeddings: int | None = 2048,
+def load_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: int | None = 2048,
                     dtype: Any = jnp.float32, remat: bool = False) -> tuple[FlaxLlamaForCausalLMFixed, dict[str, Any]]:
     """A ready :class:`FlaxLlamaForCausalLMFixed` and its params from a GGUF file.
 
@@ -252,19 +261,20 @@ def _strings(reader: Any, key: str) -> list[str]:
     return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
 
-def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
-    """The byte-level BPE tokenizer stored in a GGUF file (``tokenizer.ggml.model == "gpt2"``), as a
+def read_gguf_tokenizer(path: str | os.PathLike | Any) -> Any:
+    """The byte-level BPE tokenizer stored in a GGUF file (or an open ``gguf.GGUFReader``;
+    ``tokenizer.ggml.model == "gpt2"``), as a
     ``transformers.PreTrainedTokenizerFast`` (no torch; ``save_pretrained`` writes tokenizer.json).
 
     Control tokens (type 3, e.g. ``<|im_start|>``) become special tokens; digits are split one by
     one before byte-level BPE, as SmolLM2's own tokenizer does (GGUF pre-tokenizer ``smollm``); the
     file's ``tokenizer.chat_template``, when it has one, becomes the tokenizer's chat template.
     """
-    import gguf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
+    path = reader.data.filename if path is reader else path
     kind = bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode()
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
