@@ -16,6 +16,8 @@ from jlora.summary import LoraCount, count
 from jlora.tree import combine, partition
 from jlora.train import make_pmap_train_step, make_train_step, plan_shardings
 from jlora.checkpoint import AdapterCheckpointer
+from jlora.quantize import base_bytes, dequantize, is_quantized, quantize
+from jlora.qlayers import quantized_layers
 from jlora.generate import generate  # the function; its helpers: from jlora.generate import nucleus_filter
 from jlora import hf  # noqa: E402  (jlora.hf imports transformers lazily: not at all)
 from jlora import rng  # noqa: E402  (jlora.rng.key: cheap dropout keys with jax's threefry bits)
@@ -26,4 +28,5 @@ __all__ = [
     "apply", "combine", "count", "delta", "find_layouts", "init", "labels", "merge", "optimizer",
     "partition", "split", "unmerge", "make_train_step", "make_pmap_train_step", "plan_shardings",
     "AdapterCheckpointer", "lm_head_cross_entropy", "next_token_targets", "generate",
+    "quantize", "dequantize", "base_bytes", "is_quantized", "quantized_layers",
 ]

@@ -201,7 +201,8 @@ def _orbax_leftover(error: BaseException | None, tb: Any) -> bool:
     frames = [(f.f_code.co_name, f.f_code.co_filename) for f, _ in traceback.walk_tb(tb)]
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
         # TensorStore's callback into orbax's closed loop; its traceback may be gone by the time it is reported
-        return not frames or any(name == "call_soon_threadsafe" for name, _ in frames)
+        return (not frames or any(name == "call_soon_threadsafe" for name, _ in frames)
+                or all(f"{os.sep}asyncio{os.sep}" in file for _, file in frames))
     return (any(f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in file for _, file in frames)
             or any(str(folder) in str(error) for folder in _READS))
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jlora.config import LoraConfig
 from jlora.plan import KernelLayout, Target, make_plan
+from jlora.qformats import is_quantized
 from jlora.tree import LORA_KEYS, Tree, adapter_modules, flatten, unflatten
 
 __all__ = ["KernelLayout", "delta", "init", "merge", "unmerge"]
@@ -96,6 +97,8 @@ def _fold(params: Tree, lora: Tree, config: LoraConfig, sign: float, caller: str
         pair = pairs[target.key_path[:-1]]
         update = target.scale * target.delta(pair["lora_a"], pair["lora_b"])
         kernel = flat[target.key_path]
+        if is_quantized(kernel):  # a QLoRA base: the merged kernel is float
+            kernel = kernel.dequantize()
         folded = kernel.astype(jnp.float32) + sign * update
         if check_finite and not _all_finite(folded):
             bad = "the adapter" if not bool(jnp.isfinite(update).all()) else "the kernel"
@@ -124,10 +127,13 @@ def merge(params: Tree, lora: Tree, config: LoraConfig, *, model: Any = None, in
     ``model`` (optional; a linen one with example ``inputs``) settles a square 2-D kernel's storage
     order: the params alone cannot tell a (d, d) kernel stored (fan_out, fan_in) by a layer such as
     GPT-2's Conv1D, unless a registered rule recognises the tree (``jlora.hf`` does for GPT-2).
+    Over a quantized base (:func:`jlora.quantize`, a GGUF file kept quantized) every quantized
+    kernel comes back dequantized to float, adapted or not: the merged model is a float model.
     With ``check_finite`` (eager calls), a NaN/inf result is refused with an error naming the
     module, before anything is returned.
     """
     merged = flatten(_fold(params, lora, config, +1.0, "jlora.merge", model, inputs, check_finite))
+    merged = {p: leaf.dequantize() if is_quantized(leaf) else leaf for p, leaf in merged.items()}
     for path, leaf in flatten(lora, "lora").items():
         if path[-1] not in LORA_KEYS:
             merged[path] = leaf

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraConfig
+from jlora.qlayers import quantized_layers
 from jlora.intercept import apply as lora_apply
 
 Tree = Any
@@ -79,9 +80,10 @@ def _forward(model: Any, config: LoraConfig | None, params: Tree, lora: Tree | N
     ``positions`` (batch, t): the position ids of ``ids``.
     """
     kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, return_dict=True)
-    with nn.intercept_methods(_last_position_head):
+    with nn.intercept_methods(_last_position_head):  # flax calls the outermost interceptor first
         if lora is None:
-            out = model(ids, params=params, **kwargs)
+            with quantized_layers():  # a quantized base (jlora.apply installs it itself, innermost)
+                out = model(ids, params=params, **kwargs)
         else:
             out = lora_apply(model, config)(params, lora, ids, **kwargs)
     return out.logits[:, -1, :].astype(jnp.float32), out.past_key_values

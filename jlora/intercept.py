@@ -30,6 +30,7 @@ from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropou
 from jlora.layerkinds import (KernelLayout, as_function, contracted_axes, discover, is_adaptable,
                                is_registered_model, observe_layers, tables_read_transposed)
 from jlora.plan import AdapterPlan, Target, make_plan
+from jlora.qlayers import quantized_layers
 from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten, kernel_paths, module_path
 
 
@@ -165,7 +166,7 @@ class LoraApply:
         plan = make_plan(params, self.config, lora=lora, caller="jlora.apply")
         combined = combine(params, lora)
         interceptor = _Interceptor(plan, combined, lora, self.dropout_rng)
-        with nn.intercept_methods(interceptor):
+        with nn.intercept_methods(interceptor), quantized_layers():  # flax calls the outer one first: LoRA, then the base
             out = self.fn(combined, *args, **kwargs)
         if not self.allow_unused:
             unused = sorted(set(plan) - interceptor.used)
