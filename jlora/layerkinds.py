@@ -150,7 +150,8 @@ def observe_layers(fn: Callable, params: Tree, *args: Any, **kwargs: Any
                 heads[path] = tuple(seen.shape)
         return out
 
-    with nn.intercept_methods(record):
+    from jlora.qlayers import quantized_layers  # a quantized base runs as in jlora.apply (innermost)
+    with nn.intercept_methods(record), quantized_layers():
         jax.eval_shape(lambda p: fn(p, *args, **kwargs), params)
     return facts, heads
 

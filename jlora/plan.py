@@ -130,8 +130,8 @@ class Target:
         a = [*stack, *extra, *k_in, None]
         b = [*stack, *extra, None, *k_out]
         a_shape, b_shape = self.lora_shapes
-        return (P(*(_fits(e, n, mesh) for e, n in zip(a, a_shape))),
-                P(*(_fits(e, n, mesh) for e, n in zip(b, b_shape))))
+        return (P(*(fits(e, n, mesh) for e, n in zip(a, a_shape))),
+                P(*(fits(e, n, mesh) for e, n in zip(b, b_shape))))
 
 
 def spec_entries(spec: Any, ndim: int) -> list[Any]:
@@ -144,7 +144,7 @@ def spec_entries(spec: Any, ndim: int) -> list[Any]:
     return entries + [None] * (ndim - len(entries))
 
 
-def _fits(entry: Any, length: int, mesh: Any) -> Any:
+def fits(entry: Any, length: int, mesh: Any) -> Any:
     if entry is None or mesh is None:
         return entry
     names = entry if isinstance(entry, tuple) else (entry,)

@@ -22,7 +22,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.config import LoraConfig
-from jlora.plan import make_plan, spec_entries
+from jlora.plan import fits, make_plan, spec_entries
+from jlora.qformats import is_quantized
 from jlora.tree import LORA_KEYS, Tree, flatten, unflatten
 
 
@@ -53,6 +54,16 @@ def derive_specs(params: Tree, param_specs: Tree, trainable: Tree, config: LoraC
         module = target.key_path[:-1]
         out[(*module, "lora_a")], out[(*module, "lora_b")] = a_spec, b_spec
     return unflatten(out)
+
+
+def leaf_specs(leaf: Any, spec: Any, mesh: Mesh | None = None) -> Any:
+    """``spec`` for a params leaf; for a quantized kernel (:mod:`jlora.qformats`), a tree of specs, one
+    per array of it: the kernel's entry on each axis (its arrays keep the kernel's axes), replicated
+    where the array's length there (e.g. a block axis of scales) does not divide over the mesh axes."""
+    if not is_quantized(leaf):
+        return spec
+    entries = spec_entries(spec, leaf.ndim)
+    return jax.tree_util.tree_map(lambda a: P(*(fits(e, n, mesh) for e, n in zip(entries, a.shape))), leaf)
 
 
 def named(mesh: Mesh, specs: Tree) -> Any:

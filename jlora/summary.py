@@ -10,13 +10,14 @@ import numpy as np
 from jlora.config import LoraConfig, check_config
 from jlora.optim import TRAINABLE, labels
 from jlora.plan import make_plan
-from jlora.tree import COLLECTION, Tree, combine, is_variables_dict
+from jlora.qformats import is_quantized
+from jlora.tree import COLLECTION, Tree, combine, flatten, is_variables_dict
 
 
 def _size(tree: Tree) -> tuple[int, int]:
-    leaves = jax.tree_util.tree_leaves(tree)
-    count = sum(math.prod(np.shape(x)) for x in leaves)
-    nbytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)  # a quantized kernel: its weights, its bytes
+    count = sum(math.prod(x.shape if is_quantized(x) else np.shape(x)) for x in leaves)
+    nbytes = sum(x.nbytes if is_quantized(x) else math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
     return count, nbytes
 
 
@@ -62,8 +63,8 @@ def count(params: Tree, lora: Tree, config: LoraConfig) -> LoraCount:
         lora = {COLLECTION: lora[COLLECTION]} if is_variables_dict(lora) else lora
     plan = make_plan(params, config, lora=lora, caller="jlora.count")  # every adapter checked against its kernel
     combined = combine(params, lora)  # the trainable leaves, by label: no copies, no second plan (split's)
-    trainable = [leaf for leaf, label in zip(jax.tree_util.tree_leaves(combined),
-                                             jax.tree_util.tree_leaves(labels(combined, config))) if label == TRAINABLE]
+    marks = flatten(labels(combined, config))
+    trainable = [leaf for path, leaf in flatten(combined).items() if marks[path] == TRAINABLE]
     n_base, base_bytes = _size(params)
     n_adapter = sum(target.n_params for target in plan.values())
     n_trainable, trainable_bytes = _size(trainable)

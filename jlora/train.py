@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlora.config import LoraConfig
-from jlora.sharding import derive_specs, named, opt_state_specs
+from jlora.sharding import derive_specs, leaf_specs, named, opt_state_specs
 from jlora.tree import Tree, flatten, unflatten
 
 LossFn = Callable[[Tree, Tree, Any], jax.Array]
@@ -86,12 +86,14 @@ def plan_shardings(mesh: Mesh, params: Tree, param_specs: Tree, trainable: Tree,
     """Shardings for a LoRA train step from the base params' PartitionSpecs alone.
 
     ``trainable`` follows :func:`jlora.sharding.derive_specs`, the optimizer state follows
-    ``trainable``, ``frozen`` keeps the base specs, the batch uses ``batch_spec`` (a PartitionSpec
+    ``trainable``, ``frozen`` keeps the base specs (a quantized kernel's codes and scales each get its
+    kernel's spec, an axis they do not divide replicated), the batch uses ``batch_spec`` (a PartitionSpec
     for every batch leaf, or a tree of them).
     """
     trainable_specs = derive_specs(params, param_specs, trainable, config, mesh=mesh, model=model)
     specs = flatten(param_specs, "param_specs")
-    frozen_specs = unflatten({path: specs.get(path, P()) for path in flatten(frozen, "frozen")})
+    frozen_specs = unflatten({path: leaf_specs(leaf, specs.get(path, P()), mesh)
+                              for path, leaf in flatten(frozen, "frozen").items()})
     return Shardings(trainable=named(mesh, trainable_specs),
                      opt_state=named(mesh, opt_state_specs(tx, trainable, trainable_specs)),
                      frozen=named(mesh, frozen_specs), batch=named(mesh, batch_spec),

@@ -84,7 +84,25 @@ def _head(family: str, params: Any) -> tuple[str, str, bool]:
     return module, leaf, True
 
 
-def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False) -> CausalLM:
+def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False,
+                   quantize: str | None = None) -> CausalLM:
+    """:func:`load_float_causal_lm`, its transformer blocks' kernels then quantized (QLoRA's frozen base):
+    ``quantize`` ``"nf4"`` / ``"int8"`` (:func:`jlora.quantize`, dequantized in the computation dtype),
+    or ``"gguf"``: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks kept as they are (no float copy first)."""
+    if quantize == "gguf":
+        if name != "smollm2" and Path(name).suffix != ".gguf":
+            raise ValueError(f"--quantize gguf keeps the blocks of a GGUF file; --model {name} is not one "
+                             "(use --quantize nf4 or int8)")
+        return load_float_causal_lm(name, max_positions=max_positions, dtype=dtype, remat=remat, keep_blocks=True)
+    lm = load_float_causal_lm(name, max_positions=max_positions, dtype=dtype, remat=remat)
+    if quantize is not None:
+        from jlora.quantize import quantize as quantize_params
+        lm = dataclasses.replace(lm, params=quantize_params(lm.params, quantize, dtype=jnp.dtype(dtype)))
+    return lm
+
+
+def load_float_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False,
+                         keep_blocks: bool = False) -> CausalLM:
     """``smollm2``, a Llama ``.gguf`` file, or an HF folder of a supported family (see module doc).
 
     ``max_positions`` caps ``max_position_embeddings`` (Flax causal LMs build a max_pos² mask);
@@ -107,7 +125,7 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
             reader = open_gguf(path)  # parsed once for the config, the weights and the tokenizer
             context = int(reader.fields["llama.context_length"].parts[-1][0])
             model, params = load_gguf_llama(reader, max_position_embeddings=max_positions, dtype=jnp.dtype(dtype),
-                                            remat=remat)
+                                            remat=remat, **({"quantized": True} if keep_blocks else {}))
             tokenizer = read_gguf_tokenizer(reader)
         except (ValueError, KeyError, OSError) as err:
             raise ValueError(f"--model: {path} is not a Llama GGUF file jlora can read: {err}") from None

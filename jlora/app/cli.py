@@ -48,6 +48,9 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
                    "or the environment variables jax reads, e.g. JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: the number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    p.add_argument("--quantize", default=None, choices=("nf4", "int8", "gguf"),
+                   help="QLoRA: train adapters over a quantized frozen base (nf4: 4-bit NormalFloat, blocks of 64; "
+                   "int8: per-channel; gguf (causal-lm): keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-export", action="store_true", help="skip the merged HF / PEFT exports")
@@ -94,7 +97,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         targets=tuple(t for t in args.targets.split(",") if t) if args.targets else None, lr=args.lr,
         steps=args.steps, batch=args.batch, max_length=args.max_length, eval_every=args.eval_every,
         eval_fraction=args.eval_fraction, seed=args.seed, mesh=args.mesh, resume=args.resume,
-        overwrite=args.overwrite, export=not args.no_export, progress=not args.no_progress)
+        overwrite=args.overwrite, export=not args.no_export, progress=not args.no_progress, quantize=args.quantize)
     finetune(options)
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,13 @@ import optax
 
 from jlora.checkpoint import AdapterCheckpointer
 from jlora.config import LoraConfig
+from jlora.qformats import is_quantized
 from jlora.app.data import TextDataset, load_dataset
 from jlora.app.report import plot_metrics, read_metrics
 
 MODES = ("lora", "head", "full")
 TASKS = ("classify", "causal-lm")
+QUANTIZE = ("nf4", "int8", "gguf")
 DEFAULT_LR = {"lora": 3e-3, "head": 1e-2, "full": 1e-4}
 # per-task defaults of the options left None
 TASK_DEFAULTS = {
@@ -77,6 +80,7 @@ class FinetuneOptions:
     gen_examples: int = 16
     dtype: str = "float32"  # computation dtype of the model (params and adapters stay float32)
     remat: bool = False  # recompute each decoder layer's activations in the backward pass (Llama family)
+    quantize: str | None = None  # QLoRA: "nf4" | "int8" (jlora.quantize), "gguf" (a GGUF file's own blocks)
 
     def resolved(self) -> "FinetuneOptions":
         """A copy with the task's defaults filled in, checked."""
@@ -97,6 +101,14 @@ class FinetuneOptions:
         for name in ("eval_examples", "gen_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE:
+                raise ValueError(f"--quantize: expected one of {QUANTIZE}, got {self.quantize!r}")
+            if self.mode != "lora":
+                raise ValueError(f"--quantize {self.quantize}: a quantized base is frozen; it trains LoRA adapters "
+                                 f"(--mode lora), not --mode {self.mode}")
+            if self.quantize == "gguf" and self.task != "causal-lm":
+                raise ValueError("--quantize gguf keeps a GGUF file's blocks: an option of the causal-lm task")
         if self.mesh is not None:
             from jlora.app.pods import parse_mesh
             parse_mesh(self.mesh)
@@ -176,6 +188,9 @@ def build(options: FinetuneOptions, num_labels: int) -> tuple[Any, Any, LoraConf
     model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(
         path, from_pt=True, num_labels=num_labels, seed=options.seed)
     params = model.params
+    if options.quantize:
+        from jlora.quantize import quantize
+        params = quantize(params, options.quantize)
     if options.mode == "lora":
         overrides = {"target_modules": options.targets} if options.targets else {}
         config = default_config(model, r=options.rank, lora_alpha=options.alpha, **overrides)
@@ -264,7 +279,7 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
-    n_base = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    n_base = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params, is_leaf=is_quantized))
     summary = str(count(params, trainable, config)) if config else \
         f"trainable params: {n_trainable:,} || base params: {n_base:,} || trainable%: {100 * n_trainable / n_base:.4f}"
     run_info = {"options": dataclasses.asdict(options), "labels": list(dataset.label_names),

@@ -170,7 +170,7 @@ def run(options: Any) -> dict[str, Any]:
 def load_model(options: Any) -> clm.CausalLM:
     """The run's model, with room for its rows and for a prompt plus the generated tokens."""
     return clm.load_causal_lm(options.model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
-                              dtype=options.dtype, remat=options.remat)
+                              dtype=options.dtype, remat=options.remat, quantize=options.quantize)
 
 
 def _pods(options: Any) -> tuple[Any, bool]:

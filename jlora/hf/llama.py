@@ -12,7 +12,8 @@ both ends). It also takes ``segment_ids`` for packed rows (several examples in o
 GGUF (llama.cpp's format) stores Llama's q/k projections with rows permuted for its rotary
 layout; :func:`load_gguf_llama` dequantizes every tensor with the ``gguf`` package, undoes that
 permutation (as llama.cpp's converter and transformers' GGUF loader do) and maps the names, with
-no torch and no hub.
+no torch and no hub. With ``quantized=True`` the blocks' Q4_0/Q4_1/Q8_0 projection kernels stay
+quantized instead (:class:`jlora.qformats.GGMLKernel` leaves, :mod:`jlora.hf.gguf_quant`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from flax.linen.attention import dot_product_attention_weights
 from transformers import FlaxLlamaForCausalLM, LlamaConfig
 from transformers.models.llama import modeling_flax_llama
 
+from jlora.hf.gguf_quant import ggml_kernel, is_float_type, permute_fan_out
 from jlora.hf.names import GGUF_NAMES
 from jlora.tree import unflatten
 
@@ -192,10 +194,17 @@ def open_gguf(path: Any) -> Any:
     return path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
 
 
-def read_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: int | None = None
-                    ) -> tuple[LlamaConfig, dict[str, Any]]:
+def read_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: int | None = None,
+                    quantized: bool = False) -> tuple[LlamaConfig, dict[str, Any]]:
     """``(LlamaConfig, Flax params)`` from a Llama GGUF file (or an open ``gguf.GGUFReader``), dequantized
-    to float32."""
+    to float32.
+
+    ``quantized=True`` keeps every ``blk.*`` projection kernel stored as Q4_0/Q4_1/Q8_0 as a
+    :class:`~jlora.qformats.GGMLKernel` (its file bytes, transposed; compute over it under
+    ``jlora.quantized_layers()``, which ``jlora.apply`` installs); float tensors, norms, the
+    embedding (also the tied head) and ``output.weight`` stay float32. Another block type in a
+    projection (e.g. Q6_K) then raises ValueError.
+    """
     import gguf
 
     reader = open_gguf(path)
@@ -217,18 +226,22 @@ def read_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: i
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", 1),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", 2),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", 2))
-    flat: dict[tuple[str, ...], np.ndarray] = {}
+    flat: dict[tuple[str, ...], Any] = {}  # float32 arrays and GGMLKernels
     for name, tensor in tensors.items():
+        parts = name.split(".")
+        rotary_heads = {"attn_q": heads, "attn_k": kv_heads}.get(parts[2]) if parts[0] == "blk" else None
+        if quantized and parts[0] == "blk" and len(tensor.shape) == 2 and not is_float_type(tensor.tensor_type):
+            kernel = ggml_kernel(tensor.data, tensor.tensor_type, tensor.shape, name=name)
+            if rotary_heads:  # the rows' permutation = the kernel's columns'
+                kernel = permute_fan_out(kernel, _unpermute(np.arange(kernel.shape[-1]), rotary_heads))
+            flat[("model", "layers", parts[1], *GGUF_NAMES[parts[2]].split("."), "kernel")] = kernel
+            continue
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         weight = weight.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # torch layout (out, in)
-        parts = name.split(".")
         if parts[0] == "blk":
-            kind = parts[2]
-            if kind == "attn_q":
-                weight = _unpermute(weight, heads)
-            elif kind == "attn_k":
-                weight = _unpermute(weight, kv_heads)
-            module = ("model", "layers", parts[1], *GGUF_NAMES[kind].split("."))
+            if rotary_heads:
+                weight = _unpermute(weight, rotary_heads)
+            module = ("model", "layers", parts[1], *GGUF_NAMES[parts[2]].split("."))
         else:
             module = {"token_embd": ("model", "embed_tokens"), "output_norm": ("model", "norm"),
                       "output": ("lm_head",)}[parts[0]]
@@ -242,14 +255,16 @@ def read_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: i
 
 
 def load_gguf_llama(path: str | os.PathLike | Any, *, max_position_embeddings: int | None = 2048,
-                    dtype: Any = jnp.float32, remat: bool = False) -> tuple[FlaxLlamaForCausalLMFixed, dict[str, Any]]:
+                    dtype: Any = jnp.float32, remat: bool = False, quantized: bool = False
+                    ) -> tuple[FlaxLlamaForCausalLMFixed, dict[str, Any]]:
     """A ready :class:`FlaxLlamaForCausalLMFixed` and its params from a GGUF file.
 
     ``max_position_embeddings`` caps the context (FlaxLlama builds a max_pos² causal mask);
     ``dtype`` is the computation dtype (params stay float32); ``remat`` recomputes each layer's
-    activations in the backward pass (:class:`FlaxLlamaForCausalLMRemat`).
+    activations in the backward pass (:class:`FlaxLlamaForCausalLMRemat`); ``quantized`` keeps the
+    projection kernels quantized (:func:`read_gguf_llama`).
     """
-    config, params = read_gguf_llama(path, max_position_embeddings=max_position_embeddings)
+    config, params = read_gguf_llama(path, max_position_embeddings=max_position_embeddings, quantized=quantized)
     model = (FlaxLlamaForCausalLMRemat if remat else FlaxLlamaForCausalLMFixed)(config, dtype=dtype, _do_init=False)
     return model, params
 
