@@ -124,3 +124,22 @@ def test_named_meshes_give_the_same_losses(tiny_model, tmp_path):
         losses[mesh] = [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
     for mesh in ("2", "data=2,fsdp=2,tensor=2"):
         np.testing.assert_allclose(np.array(losses[mesh][1:], float), np.array(losses[None][1:], float), rtol=1e-5)
+
+
+def test_qlora_classifier_over_an_int8_base(tiny_model, tmp_path):
+    """``--quantize int8``: the merged (float) export scores what the run measured, a named mesh gives
+    the losses of one device, and a quantized base with --mode head is refused."""
+    runs = {}
+    for name, flags in (("one", []), ("mesh", ["--mesh", "data=2,fsdp=2,tensor=2", "--no-export"])):
+        out = tmp_path / name
+        done = jlora_cli("finetune", "--model", tiny_model, "--out", out, "--quantize", "int8", *flags, *TINY)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r.get("loss", 0.0) for r in runs["mesh"]], [r.get("loss", 0.0) for r in runs["one"]],
+                               rtol=1e-5)
+    evaluated = jlora_cli("eval", "--model", tmp_path / "one" / "merged", "--max-length", "32")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["eval_accuracy"] == runs["one"][-1]["eval_accuracy"]
+    refused = jlora_cli("finetune", "--model", tiny_model, "--out", tmp_path / "head", "--quantize", "nf4",
+                        "--mode", "head", *TINY)
+    assert refused.returncode == 2 and "--quantize nf4: a quantized base is frozen" in refused.stderr

@@ -2,6 +2,7 @@
 SmolLM2's real tokenizer and the real shipped BBC headline data: the run folder, exports, Ctrl-C and
 resume, bad input, a GGUF model in and a merged GGUF out, named meshes and 2 processes."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -134,3 +135,46 @@ def test_mesh_flag_is_checked():
                          ("fsdp", "AXIS=SIZE")]:
         with pytest.raises(ValueError, match=message):
             parse_mesh(bad)
+
+
+def test_qlora_run_end_to_end(tokenizer, tmp_path):
+    """``--quantize nf4``: the run trains adapters over an NF4 base; the merged export (float) and the
+    PEFT adapter over the NF4 base give the same logits; a block size that does not divide a kernel
+    is named before any run folder is made."""
+    from jlora.hf.export import atomic_dir
+    from jlora.hf.names import to_torch_state
+    from jlora.hf.peft import load_peft
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "llama64"  # width 64: NF4's blocks of 64 divide every kernel
+    config = tiny_llama_config(hidden_size=64, intermediate_size=128)
+    source = FlaxLlamaForCausalLMFixed(config, seed=0)
+    with atomic_dir(folder) as tmp:
+        save_file(to_torch_state(source.params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.to_json_file(str(tmp / "config.json"))
+        tokenizer.save_pretrained(str(tmp))
+    out = tmp_path / "run"
+    done = jlora_cli("finetune", *TINY, "--model", folder, "--out", out, "--steps", "3", "--eval-every", "3",
+                     "--gen-examples", "0", "--quantize", "nf4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["eval_perplexity"] < final["perplexity_before"]
+    assert json.loads((out / "run.json").read_text())["options"]["quantize"] == "nf4"
+    merged = FlaxLlamaForCausalLMFixed.from_pretrained(out / "merged", from_pt=True)
+    lora, lora_config = load_peft(out / "adapter", source)
+    ids = np.arange(3, 40, dtype=np.int32)[None]
+    over_nf4 = jlora.apply(source, lora_config)(jlora.quantize(source.params, "nf4"), lora, ids).logits
+    from_merged = merged(ids, params={k: v for k, v in merged.params.items() if k != "lm_head"}).logits
+    np.testing.assert_allclose(np.asarray(from_merged), np.asarray(over_nf4), atol=1e-4)
+    refused = jlora_cli("finetune", *TINY, "--model", folder, "--out", tmp_path / "r1", "--quantize", "gguf")
+    assert refused.returncode == 2 and "--quantize gguf keeps the blocks of a GGUF file" in refused.stderr
+    narrow = tmp_path / "narrow"  # the default tiny model is 32 wide
+    with atomic_dir(narrow) as tmp:
+        save_file(to_torch_state(FlaxLlamaForCausalLMFixed(tiny_llama_config(), seed=0).params),
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tiny_llama_config().to_json_file(str(tmp / "config.json"))
+        tokenizer.save_pretrained(str(tmp))
+    refused = jlora_cli("finetune", *TINY, "--model", narrow, "--out", tmp_path / "r2", "--quantize", "nf4")
+    assert refused.returncode == 2 and re.search(r"quantize model/layers/0/\w+/\w+/kernel: NF4 blocks of 64 do not "
+                                                 r"divide its block \(fan_in\) axis of length 32", refused.stderr)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
