@@ -12,7 +12,7 @@ code at 2 layers, d=64 (see llama_workload.py). Random init, dropout off, adamw,
 
 GPU recipe (one H100; python3 holding jax[cuda] and torch with CUDA; run from the repo root)::
 
-    PYTHONPATH=. python3 benchmarks/compare_peft.py --device gpu --steps 10 --out $OUT
+    PYTHONPATH=. python3 benchmarks/compare_peft.py --device gpu --steps 10 --qlora nf4 --out $OUT
 
 ``--device gpu`` means llama-1b in bfloat16 (params, activations, Adam moments; logits and loss
 float32; LoRA adapters float32 on both sides, as PEFT keeps them), cuDNN flash attention for JAX where
@@ -222,7 +222,7 @@ def run_part(args: argparse.Namespace, spec: dict) -> None:
             raise SystemExit(f"--device gpu: JAX's first device is {device} (platform {device.platform!r}): "
                              "install jax with its CUDA plugin (jax[cuda13]) and leave JAX_PLATFORMS unset")
         result = measure_jax_llama(spec, args.steps, args.dtype, shapes=INFERENCE_SHAPES[args.workload],
-                                   attention=args.attention)
+                                   attention=args.attention, quantize=args.qlora)
         result["device_kind"] = device.device_kind
     else:
         import torch
@@ -243,7 +243,8 @@ def run_llama(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, str, li
     for part in ("torch", "jax"):
         cmd = [sys.executable, __file__, "--part", part, "--workload", args.workload, "--device", args.device,
                "--dtype", args.dtype, "--steps", str(args.steps), "--threads", str(args.threads),
-               "--attention", args.attention, "--remat" if spec["remat"] else "--no-remat"]
+               "--attention", args.attention, "--remat" if spec["remat"] else "--no-remat",
+               *(["--qlora", args.qlora] if args.qlora and part == "jax" else [])]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: passed through
         lines = [line for line in done.stdout.splitlines() if line.startswith(PART_MARK)]
         if done.returncode or not lines:
@@ -255,7 +256,28 @@ def run_llama(args: argparse.Namespace, spec: dict) -> tuple[dict, dict, str, li
     where = (device_kind if args.device == "gpu" else f"{args.threads} threads, "
              f"{platform.processor() or platform.machine()}") + \
         f", {args.dtype}, remat {spec['remat']}, JAX attention {jax_result['attention']}"
-    return jax_result, torch_result, where, mfu_rows(jax_result, torch_result, device_kind, args.dtype)
+    return jax_result, torch_result, where, mfu_rows(jax_result, torch_result, device_kind, args.dtype) + \
+        qlora_rows(spec, jax_result, args.qlora)
+
+
+def qlora_rows(spec: dict, jax_result: dict, fmt: str | None) -> list[str]:
+    """``--qlora``: the LoRA step over a quantized base (every projection) beside the LoRA step."""
+    if not fmt:
+        return []
+    lora, qlora, peak = jax_result["jlora_lora"], jax_result["jlora_qlora"], jax_result.get("peak_flops")
+    flops = model_flops_per_step(spec, "jlora_lora")  # the dequantization's elementwise work not counted
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    mib = lambda m: f"{(m['argument'] + m['temp']) / 2**20:.0f} ({m['argument'] / 2**20:.0f} + {m['temp'] / 2**20:.0f})"  # noqa: E731
+    return ["", f"QLoRA: the same LoRA step over a {fmt} base (every projection quantized, dequantized one layer "
+            "at a time in the forward and again in the backward)",
+            "| | jlora LoRA | jlora QLoRA | QLoRA / LoRA |", "| --- | --- | --- | --- |",
+            f"| median step (s) | {lora['step_s']:.3f} | {qlora['step_s']:.3f} | {qlora['step_s'] / lora['step_s']:.2f} |",
+            f"| MFU (analytic model FLOPs) | {pct(mfu(flops, lora['step_s'], peak))} | "
+            f"{pct(mfu(flops, qlora['step_s'], peak))} | |",
+            f"| XLA arguments + temporaries (MiB) | {mib(lora['memory'])} | {mib(qlora['memory'])} | "
+            f"{(qlora['memory']['argument'] + qlora['memory']['temp']) / (lora['memory']['argument'] + lora['memory']['temp']):.2f} |",
+            "| device peak (GiB; cumulative in the process, the float base included) | "
+            f"{(lora.get('device_peak_bytes') or 0) / 2**30:.2f} | {(qlora.get('device_peak_bytes') or 0) / 2**30:.2f} | |"]
 
 
 ALTERNATION_ORDER = ("jlora_lora", "peft_lora", "jlora_full", "torch_full", "xla_matmul", "torch_matmul")
@@ -408,6 +430,8 @@ def main() -> None:
                         help="GPT-2 workloads, jlora side: jlora.lm_head_cross_entropy or optax on sliced logits")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="chunk_size (vocab columns) of the fused loss")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--qlora", choices=("nf4", "int8"), default=None,
+                        help="llama workloads: also the LoRA step over a quantized base (QLoRA; jax side)")
     parser.add_argument("--rss", action="store_true", help="also peak RSS of each variant in its own process (cpu)")
     parser.add_argument("--only", choices=("none", *VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=("jax", "torch"), help=argparse.SUPPRESS)

@@ -225,9 +225,20 @@ def lora_setup(model: LlamaLM, params: dict, ids: Any) -> tuple[jlora.LoraConfig
     return config, jlora.init(jax.random.key(1), params, config, layouts=layouts, dtype=jnp.float32)
 
 
-def train_steps(model: LlamaLM, params: dict, ids: Any) -> dict[str, tuple]:
+QUANTIZED = r"(q|k|v|o|gate|up|down)_proj$"  # QLoRA: every projection of the (scanned) layers
+
+
+def quantized_base(model: LlamaLM, frozen: dict, ids: Any, fmt: str) -> dict:
+    """``frozen`` with every projection kernel quantized (``fmt``: nf4 / int8), dequantized in the
+    kernels' own dtype; the stacked ``(layers, fan_in, fan_out)`` layout read off the model."""
+    layouts = jlora.find_layouts(model.apply, frozen, ids)
+    return jlora.quantize(frozen, fmt, include=[QUANTIZED], layouts=layouts)
+
+
+def train_steps(model: LlamaLM, params: dict, ids: Any, quantize: str | None = None) -> dict[str, tuple]:
     """``{variant: (step, state, tx, frozen)}`` with ``step(state, opt_state, ids, frozen)``; the frozen
-    base is a step argument (closed over, XLA would bake it in as constants)."""
+    base is a step argument (closed over, XLA would bake it in as constants). With ``quantize``, also
+    ``jlora_qlora``: the LoRA step over the base quantized by :func:`quantized_base`."""
     config, lora = lora_setup(model, params, ids)
     trainable, frozen = jlora.split(params, lora, config)
     f = jlora.apply(model.apply, config)
@@ -242,27 +253,34 @@ def train_steps(model: LlamaLM, params: dict, ids: Any) -> dict[str, tuple]:
         loss, g = jax.value_and_grad(lambda p: lm_loss(model.apply(p, ids), ids))(p)
         u, o = tx_full.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
-    return {"jlora_lora": (lora_step, trainable, tx_lora, frozen), "jlora_full": (full_step, params, tx_full, {})}
+    steps = {"jlora_lora": (lora_step, trainable, tx_lora, frozen), "jlora_full": (full_step, params, tx_full, {})}
+    if quantize:
+        steps["jlora_qlora"] = (lora_step, trainable, tx_lora, quantized_base(model, frozen, ids, quantize))
+    return steps
 
 
 def lower_abstract(spec: dict, dtype: Any, variant: str, attention: str | None = None,
-                   unroll: bool = False) -> Any:
+                   unroll: bool = False, quantize: str | None = None) -> Any:
     """The lowered train step of ``variant`` from shapes alone (no params are allocated);
     ``.compile().memory_analysis()`` gives XLA's memory plan without running it."""
     model = make_model(spec, dtype, attention, unroll)
     ids = jax.ShapeDtypeStruct((spec["batch"], spec["seq"]), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), ids)
-    step, state, tx, rest = train_steps(model, params, ids)[variant]
+    if variant == "jlora_qlora":  # quantizing reads values: zeros of the shapes (what is measured is the plan)
+        params = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), params)
+    step, state, tx, rest = train_steps(model, params, ids, quantize or "nf4" if variant == "jlora_qlora" else None)[
+        variant]
     return jax.jit(step, donate_argnums=(0, 1)).lower(state, jax.eval_shape(tx.init, state), ids, rest)
 
 
-def xla_step_flops(spec: dict, dtype: Any, variant: str, attention: str | None = None) -> float | None:
+def xla_step_flops(spec: dict, dtype: Any, variant: str, attention: str | None = None,
+                   quantize: str | None = None) -> float | None:
     """XLA's cost-analysis FLOPs of a step. It visits a while loop's body once, so a scanned stack counts
     as one layer: this lowers unrolled 1- and 2-layer steps and takes f(1) + (L-1)(f(2) - f(1)). The HLO
     before optimisation is analysed (no compile; within 1% of the compiled step's count on CPU)."""
     counts = []
     for n in (1, 2):
-        lowered = lower_abstract(dict(spec, layers=n), dtype, variant, attention, unroll=True)
+        lowered = lower_abstract(dict(spec, layers=n), dtype, variant, attention, unroll=True, quantize=quantize)
         try:
             counts.append(_xla_flops(lowered))
         except Exception:  # noqa: BLE001 (a backend without pre-compile cost analysis)
@@ -273,19 +291,19 @@ def xla_step_flops(spec: dict, dtype: Any, variant: str, attention: str | None =
 
 def measure_jax_llama(spec: dict, steps: int, dtype: Any = jnp.float32,
                       variants: tuple[str, ...] = ("jlora_lora", "jlora_full"), shapes: tuple = (),
-                      attention: str | None = "auto") -> dict[str, Any]:
+                      attention: str | None = "auto", quantize: str | None = None) -> dict[str, Any]:
     """Compile and time the jlora-LoRA and full train steps (adamw, state and optimizer state donated);
     XLA memory and cost analysis (:func:`xla_step_flops`); inference latency at ``shapes``."""
     attention = resolve_attention(attention, spec, dtype)
     model = make_model(spec, dtype, attention)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, spec["vocab"], (spec["batch"], spec["seq"])), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(0), ids)
-    built = train_steps(model, params, ids)
+    built = train_steps(model, params, ids, quantize)
     out: dict[str, Any] = {"attention": attention or "default (xla)"}
-    for name in variants:
+    for name in (*variants, *(("jlora_qlora",) if quantize else ())):
         step, state, tx, rest = built[name]
         out[name] = {**time_train_step(step, state, tx.init(state), ids, rest, steps),
-                     "xla_flops": xla_step_flops(spec, dtype, name, attention),
+                     "xla_flops": xla_step_flops(spec, dtype, name, attention, quantize),
                      "device_peak_bytes": _device_peak_bytes()}  # cumulative over the process (GPU only)
     trainable, params = built["jlora_lora"][1], built["jlora_full"][1]
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
