@@ -87,18 +87,24 @@ def quantize(params: Tree, fmt: str = "nf4", *, include: Sequence[str] | None = 
                          "(adapters train in float: quantize params before jlora.combine, or pass jlora.partition's "
                          "params)")
     facts = discover(model, params, inputs)[0] if model is not None else {}
-    out, done = dict(flat), []
+    out, done, already = dict(flat), [], []
     for path, leaf in flat.items():
-        if path[-1] not in ("kernel", "embedding") or (in_vars and path[0] != "params") or is_quantized(leaf) \
+        if path[-1] not in ("kernel", "embedding") or (in_vars and path[0] != "params") \
                 or getattr(leaf, "ndim", 0) < 2:
             continue
         mpath = module_path(path, in_vars)
         if not _selected(mpath, path[-1], include, exclude, lm_head, embeddings):
             continue
+        if is_quantized(leaf):  # kept as it is (a GGUF file's blocks, an earlier call's)
+            already.append(f"{key_path_str(path)} ({leaf.format})")
+            continue
         layout = (layouts or {}).get(mpath) or (facts[mpath].layout if mpath in facts else None)
         axis = -1 if path[-1] == "embedding" else _block_axis(mpath, leaf, params, layout)
         out[path] = quantize_kernel(leaf, fmt, axis, dtype, where=key_path_str(path))
         done.append(mpath)
+    if not done and already:
+        raise ValueError(f"jlora.quantize: every selected kernel is quantized already, e.g. {already[0]}; to change "
+                         "the format, quantize the float params (jlora.dequantize(params) gives them back)")
     if not done:
         raise ValueError("jlora.quantize: no kernel was selected: the default takes kernels under a numbered "
                          "transformer block (a path such as 'layers/3/...'); pass include=[regex, ...] to choose "

@@ -17,6 +17,7 @@ from jlora.checkpoint import base_fingerprint
 from jlora.hf.llama import FlaxLlamaForCausalLMFixed
 from jlora.qformats import NF4_BLOCK, NF4_LEVELS, NF4Kernel, quantize_kernel
 from jlora.train import make_pmap_train_step, make_train_step, plan_shardings
+from hf_cases import CASES
 
 FORMATS = ("nf4", "int8")
 # the widest gap between neighbouring NF4 levels, halved: the rounding error of a normalised value
@@ -245,3 +246,24 @@ def test_bad_input_names_the_leaf():
         jlora.quantize(model.params, "q4_k")
     with pytest.raises(ValueError, match="no kernel was selected"):
         jlora.quantize(model.params, "int8", include=["nothing_here"])
+    with pytest.raises(ValueError, match=r"every selected kernel is quantized already, e.g. model/layers/0/\S+ \(int8\)"):
+        jlora.quantize(jlora.quantize(model.params, "int8"), "int8")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_hf_family_computes_over_an_int8_base(name):
+    """The default selection (kernels of numbered blocks) on every supported family, GPT-2's
+    transposed Conv1D and T5's encoder-decoder included: apply over it = apply over its dequantization."""
+    case = CASES[name]
+    model = case.model()
+    q = jlora.quantize(model.params, "int8")
+    n = sum(jlora.is_quantized(x) for x in jax.tree_util.tree_leaves(q, is_leaf=jlora.is_quantized))
+    assert n >= 8, n  # every projection of both layers
+    config = jlora.hf.default_config(model, r=2, init_lora_weights=False)
+    lora = jlora.init(jax.random.key(0), q, config)
+    f = jlora.apply(model, config)
+    inputs = case.inputs()
+    want = f(jlora.dequantize(q), lora, **inputs).logits
+    np.testing.assert_allclose(f(q, lora, **inputs).logits, want, rtol=1e-5, atol=1e-5)
+    merged = jlora.merge(q, lora, config)
+    np.testing.assert_allclose(model(**inputs, params=merged).logits, want, rtol=1e-4, atol=1e-4)
