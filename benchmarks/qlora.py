@@ -1,7 +1,8 @@
 """QLoRA (issue 13): base bytes, compiled memory, jlora against qwix, perplexity of the quantized base.
 
     python benchmarks/qlora.py [--part bytes,memory,qwix,perplexity] [--shapes 4x512,1x512,1x128]
-                               [--dtypes bfloat16,float32] [--rounds 5] [--steps 2] [--eval-examples 64]
+                               [--dtypes bfloat16,float32] [--scan-shapes 4x2048,1x2048] [--rounds 5] [--steps 2]
+                               [--eval-examples 64]
                                [--out benchmarks/results/issue13]
 
 Parts (each selectable; a run merges its parts into ``<out>/qlora.json`` and prints every part recorded):
@@ -17,6 +18,8 @@ Parts (each selectable; a run merges its parts into ``<out>/qlora.json`` and pri
   bf16 base vs ``jlora.quantize(params, "nf4" | "int8", dtype=bfloat16)``, at each ``--shapes`` batch; the
   same in float32 (``--dtypes``), where XLA:CPU keeps no float32 copies of bf16 kernels for its dots
   (the bf16 LoRA step's temporaries hold one of every kernel). Goal (bf16): QLoRA NF4 <= 0.45x LoRA.
+- ``memory-scan`` (compile only): the same comparison on the GPU recipe's model (``llama_workload``:
+  ``nn.scan`` over the layers, per-layer remat, bf16), at ``--scan-shapes``.
 - ``qwix``: the issue's anchor (HF Flax Llama module, 8 layers, d=1024, MLP 2816, vocab 8000, batch
   4x128 random ids, fp32, LoRA r=8 alpha=16 on q_proj, v_proj; QLoRA: every projection NF4, qwix tile
   64): jlora LoRA / QLoRA (``jlora.apply(module.apply, config)``) and qwix 0.1.8 LoRA / QLoRA
@@ -29,12 +32,14 @@ Parts (each selectable; a run merges its parts into ``<out>/qlora.json`` and pri
 - ``perplexity``: the CLI's held-out perplexity (``jlora finetune --task causal-lm`` defaults:
   bbc-headlines, its seeded held-out split, first ``--eval-examples`` examples, packed rows,
   ``make_loss`` + ``make_scorer``) of SmolLM2-135M (float32, as dequantized from its Q4_1 GGUF) at a
-  zero adapter, against the same base quantized NF4 / int8, and (qwix installed) a reference NF4 (qwix's,
+  zero adapter, against the file's own Q4_1 blocks kept (``--quantize gguf``), the same base quantized
+  NF4 / int8, and (qwix installed) a reference NF4 (qwix's,
   no double quantization) dequantized to float32. Goal: NF4 within +3% of float.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -51,7 +56,7 @@ from jlora.tree import flatten
 from machine import CpuLoad, header_lines, loadavg, machine_info, md_row
 from timing import alternate, paired, round_medians, spread, summary, write_result
 
-PARTS = ("bytes", "memory", "qwix", "perplexity")
+PARTS = ("bytes", "memory", "memory-scan", "qwix", "perplexity")
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False)
 ANCHOR = dict(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -140,6 +145,28 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
                 rows[name]["ratio"] = rows[name]["args_plus_temps"] / rows[f"lora_{base}"]["args_plus_temps"]
                 rows[name]["argument_ratio"] = rows[name]["argument"] / rows[f"lora_{base}"]["argument"]
             out[f"{shape} {dtype}"] = rows
+    return out
+
+
+def part_memory_scan(args: argparse.Namespace) -> dict[str, Any]:
+    """The GPU recipe's model (``llama_workload``: TinyLlama's shape, ``nn.scan`` over the layers with
+    per-layer remat, plain float32 cross-entropy over the logits), bf16, compile only: LoRA vs QLoRA."""
+    from compare_peft import WORKLOADS
+    from llama_workload import lower_abstract
+    out = {}
+    for shape in args.scan_shapes.split(","):
+        b, t = (int(v) for v in shape.split("x"))
+        spec, rows = dict(WORKLOADS["llama-1b"], batch=b, seq=t), {}
+        for name, variant, fmt in (("lora_bf16", "jlora_lora", None), ("qlora_nf4", "jlora_qlora", "nf4"),
+                                   ("qlora_int8", "jlora_qlora", "int8")):
+            start = time.perf_counter()
+            mem = memory_of(lower_abstract(spec, jnp.bfloat16, variant, quantize=fmt).compile())
+            rows[name] = {**mem, "args_plus_temps": mem["argument"] + mem["temp"],
+                          "compile_s": time.perf_counter() - start}
+            print(f"memory-scan {shape} {name}: {rows[name]}", flush=True)
+        for name in ("qlora_nf4", "qlora_int8"):
+            rows[name]["ratio"] = rows[name]["args_plus_temps"] / rows["lora_bf16"]["args_plus_temps"]
+        out[f"{shape} bfloat16 (scan + remat)"] = rows
     return out
 
 
@@ -239,7 +266,9 @@ def part_perplexity(args: argparse.Namespace) -> dict[str, Any]:
     out = {"data": options.data, "held_out_examples": len(held_enc[:options.eval_examples]),
            "rows": int(len(held["input_ids"])), "seq_len": options.seq_len,
            "target_tokens": int(np.asarray(clm.target_weight(held))), "source": lm.source}
-    bases = {"float32": frozen, "nf4": jlora.quantize(frozen, "nf4"), "int8": jlora.quantize(frozen, "int8")}
+    kept = jlora.split(load_model(dataclasses.replace(options, quantize="gguf")).params, {}, config)[1]
+    bases = {"float32": frozen, "gguf_q4_1_kept": kept, "nf4": jlora.quantize(frozen, "nf4"),
+             "int8": jlora.quantize(frozen, "int8")}
     try:  # a reference NF4 (qwix's: blocks of 64, float32 scales, no double quantization), dequantized to float32
         import qwix
         bases["nf4_qwix_dequantized"] = jax.tree_util.tree_map_with_path(lambda k, w: qwix.dequantize(qwix.quantize(
@@ -280,12 +309,14 @@ def table(result: dict[str, Any]) -> str:
                                             f"{r['model_ratio']:.3f}",
                                             f"<= {goal}: kernels {verdict(r['kernels_ratio'] <= goal)}, "
                                             f"model {verdict(r['model_ratio'] <= goal)}"]))
-    if "memory" in result:
-        lines += ["", "XLA compiled memory of a train step, llama-1b shape, LoRA r=8 q/v, adamw, fused LM-head loss "
-                  "(compile only, MiB); NF4 / int8 dequantize to the model dtype",
+    if "memory" in result or "memory-scan" in result:
+        result.setdefault("memory", {})
+        lines += ["", "XLA compiled memory of a train step, llama-1b shape, LoRA r=8 q/v, adamw (compile only, MiB); "
+                  "NF4 / int8 dequantize to the model dtype. HF Flax Llama, layers unrolled, fused LM-head loss; "
+                  "(scan + remat): the GPU recipe's llama_workload model, plain cross-entropy",
                   "| batch, dtype | step | arguments | temps | args + temps | / LoRA | goal |",
                   "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
-        for shape, rows in result["memory"].items():
+        for shape, rows in [*result["memory"].items(), *result.get("memory-scan", {}).items()]:
             for name, r in rows.items():
                 ratio = r.get("ratio")
                 lines.append(md_row(shape, [name, mib(r["argument"]), mib(r["temp"]), mib(r["args_plus_temps"]),
@@ -340,6 +371,7 @@ def main() -> None:
     parser.add_argument("--part", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--shapes", default="4x512,1x512,1x128", help="memory part: batch x seq_len, comma-separated")
     parser.add_argument("--dtypes", default="bfloat16,float32", help="memory part: params and model dtypes")
+    parser.add_argument("--scan-shapes", default="4x2048,1x2048", help="memory-scan part: batch x seq_len")
     parser.add_argument("--rounds", type=int, default=5, help="qwix part: rounds of alternation (>= 3)")
     parser.add_argument("--steps", type=int, default=2, help="qwix part: timed steps of each side per round")
     parser.add_argument("--eval-examples", type=int, default=64, help="perplexity part: held-out examples (CLI: 64)")
@@ -353,7 +385,8 @@ def main() -> None:
     result = json.loads(path.read_text()) if path.exists() else {}  # parts run before are kept
     result.pop("table", None)
     before = loadavg()
-    runners = {"bytes": part_bytes, "memory": part_memory, "qwix": part_qwix, "perplexity": part_perplexity}
+    runners = {"bytes": part_bytes, "memory": part_memory, "memory-scan": part_memory_scan, "qwix": part_qwix,
+               "perplexity": part_perplexity}
     for part in parts:
         start = time.perf_counter()
         result[part] = runners[part](args)

@@ -87,12 +87,14 @@ def _expand(scale: Array, axis: int) -> Array:
     return jnp.expand_dims(scale, _pos(axis, scale.ndim) + 1)
 
 
-def nf4_levels(index: Array) -> Array:
+def nf4_levels(index: Array, zero: Array | float = 0.0) -> Array:
     """``NF4_LEVELS[index]`` (float32) as a tree of 15 selects on the index's 4 bits: elementwise, so
     XLA fuses it into the dequantization (a gather from the table is not fused on CPU, and would
-    write a float32 copy of the whole kernel first)."""
+    write a float32 copy of the whole kernel first). ``zero``: a traced 0 added to the 16 levels, so
+    that they are not constants, whose kernel-sized broadcasts XLA would hoist out of an ``nn.scan``
+    loop and keep (~0.7 GB at TinyLlama's shape)."""
     bits = [(index >> b) & 1 for b in range(4)]
-    level = [jnp.float32(v) for v in NF4_LEVELS]
+    level = [jnp.float32(v) + zero for v in NF4_LEVELS]
     for bit in bits:  # each round halves the candidates: pairs (2k, 2k+1) chosen by the lowest bit left
         level = [jnp.where(bit == 1, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
     return level[0]
@@ -157,7 +159,8 @@ class NF4Kernel:
 
     def dequantize(self, dtype: Any = None) -> Array:
         """``NF4_LEVELS[code] * block absmax``, in float32, cast to ``dtype``."""
-        levels = nf4_levels(unpack_nibbles(self.codes, self.axis, NF4_BLOCK // 2))
+        zero = self.scale_mean.reshape(-1)[0].astype(jnp.float32) * 0.0  # 0, but not a constant (see nf4_levels)
+        levels = nf4_levels(unpack_nibbles(self.codes, self.axis, NF4_BLOCK // 2), zero)
         values = _blocks(levels, self.axis, NF4_BLOCK) * _expand(self.block_scales(), self.axis)
         return _unblock(values, self.axis).astype(dtype or self.dtype)
 

@@ -64,6 +64,7 @@ class Run:
 LIBRARY = ("The library", "import jax, optax, jlora")
 HF = ("Hugging Face models", "import jax, transformers, jlora")
 PODS = ("Pods: meshes, multi-host, checkpoints", "import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora")
+QLORA = ("QLoRA: LoRA over a quantized frozen base", "import jax, jax.numpy as jnp, optax, jlora")
 
 BLOCKS: dict[tuple[str, str], Run] = {
     LIBRARY: Run(
@@ -104,6 +105,16 @@ BLOCKS: dict[tuple[str, str], Run] = {
             logits = jlora.apply(model, config)(model.params, lora, ids).logits   # the adapter loaded back
             assert logits.shape == (1, 8, model.config.vocab_size), logits.shape
             np.testing.assert_allclose(logits, model(ids).logits, atol=1e-4)       # lora_b == 0: the base
+        """),
+    QLORA: Run(
+        epilogue="""
+            import numpy as np
+            kernel = frozen["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+            assert jlora.is_quantized(kernel) and kernel.format == "q4_1", kernel   # the file's blocks, kept
+            assert jlora.base_bytes(frozen) < 0.35 * jlora.base_bytes(jlora.dequantize(frozen))
+            assert np.isfinite(float(loss)) and not jlora.is_quantized(merged["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"])
+            logits = f(frozen, trainable, ids).logits                                   # merge == apply
+            np.testing.assert_allclose(model(ids, params=merged).logits, logits, atol=2e-4)
         """),
     PODS: Run(
         epilogue="""
