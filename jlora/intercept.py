@@ -30,7 +30,7 @@ from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropou
 from jlora.layerkinds import (KernelLayout, as_function, contracted_axes, discover, is_adaptable,
                                is_registered_model, observe_layers, tables_read_transposed)
 from jlora.plan import AdapterPlan, Target, make_plan
-from jlora.qlayers import quantized_layers
+from jlora.qlayers import inside_dequantized_call, quantized_layers
 from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten, kernel_paths, module_path
 
 
@@ -77,6 +77,8 @@ class _Interceptor:
         return self.embeddings.get(tables[0]) if len(tables) == 1 else None
 
     def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if inside_dequantized_call():  # a layer's own code over its dequantized kernel: the base only
+            return next_fun(*args, **kwargs)
         module = context.module
         method = context.method_name
         path = "/".join(module.path)

@@ -137,7 +137,7 @@ def observe_layers(fn: Callable, params: Tree, *args: Any, **kwargs: Any
     def record(next_fun: Callable, a: tuple, kw: dict, context: Any) -> Any:
         module = context.module
         out = next_fun(*a, **kw)
-        if context.method_name == "__call__" and is_adaptable(module):
+        if context.method_name == "__call__" and is_adaptable(module) and not inside_dequantized_call():
             leaf = "embedding" if isinstance(module, nn.Embed) else "kernel"
             seen = module.get_variable(COLLECTION, leaf)
             stored = flat.get((*prefix, *module.path, leaf))
@@ -150,7 +150,7 @@ def observe_layers(fn: Callable, params: Tree, *args: Any, **kwargs: Any
                 heads[path] = tuple(seen.shape)
         return out
 
-    from jlora.qlayers import quantized_layers  # a quantized base runs as in jlora.apply (innermost)
+    from jlora.qlayers import inside_dequantized_call, quantized_layers  # a quantized base runs as in apply
     with nn.intercept_methods(record), quantized_layers():
         jax.eval_shape(lambda p: fn(p, *args, **kwargs), params)
     return facts, heads

@@ -15,9 +15,12 @@ Formats (``n = S[axis]``; "block" = consecutive elements along ``axis``):
   absmax ``s`` and rounded to the nearest of the 16 NormalFloat levels :data:`NF4_LEVELS`; two
   4-bit codes per byte (element ``j`` of a block in the low nibble of byte ``j``, element
   ``j + 32`` in the high one): ``codes uint8 S with S[axis] = n / 2``. Double quantization: the
-  block absmaxes ``s`` (one per block, ``S[axis] = n / 64``) are stored as int8 around their mean,
-  in second-level blocks of 256 along the other kernel axis ``axis2``:
-  ``s ≈ scale_codes * scale_scale / 127 + scale_mean``. ~0.52 bytes per weight.
+  block absmaxes ``s`` (one per block, ``S[axis] = n / 64``) are stored as uint8 codes of ``log2 s``,
+  in second-level blocks of 256 along the other kernel axis ``axis2``, each with its own minimum and
+  step: ``s ≈ 2 ** (scale_min + scale_step * scale_codes)``. In the log domain every scale keeps the
+  same *relative* precision (half a step: ~0.5% when a block's scales span 10x), so one outlier
+  channel does not coarsen its neighbours' scales (a linear int8 code around the mean did: 25%
+  error at a 100x outlier). ~0.52 bytes per weight.
 - :class:`GGMLKernel` (``"q4_0"``, ``"q4_1"``, ``"q8_0"``): llama.cpp's blocks of 32 as a GGUF
   file stores them, bytes unchanged (only transposed to the kernel's ``(in, out)`` layout):
   ``q4_0``: ``d * (q - 8)``; ``q4_1``: ``d * q + m``; ``q8_0``: ``d * q`` with ``d``, ``m`` float16
@@ -87,6 +90,42 @@ def _expand(scale: Array, axis: int) -> Array:
     return jnp.expand_dims(scale, _pos(axis, scale.ndim) + 1)
 
 
+FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _check_dtypes(kernel: Any, **expected: tuple) -> None:
+    """Refuse arrays of the wrong dtype, e.g. codes cast by ``jax.tree.map(lambda x: x.astype(...))``."""
+    for name, dtypes in expected.items():
+        dtype = jnp.result_type(getattr(kernel, name))
+        if dtype not in [jnp.dtype(d) for d in dtypes]:
+            raise ValueError(f"{type(kernel).__name__} ({kernel.format}): its {name} are {dtype}, expected "
+                             f"{' or '.join(jnp.dtype(d).name for d in dtypes)}: was the quantized tree cast, e.g. by "
+                             "jax.tree.map(lambda x: x.astype(...), params)? That casts codes and scales too; pass "
+                             "dtype= to jlora.quantize for the dtype kernels dequantize to, and give tree.map "
+                             "is_leaf=jlora.is_quantized to skip quantized kernels")
+
+
+class _QuantizedArrayLike:
+    """What every quantized kernel shares: ``T`` (2-D: a tied head reads the table transposed) and a
+    clear error where it is used as a plain array (outside ``jlora.apply`` / ``quantized_layers``)."""
+
+    @property
+    def T(self) -> Any:  # noqa: N802 (numpy's name)
+        if self.ndim != 2:
+            raise ValueError(f"{type(self).__name__}.T: only 2-D quantized kernels transpose, this one is {self.shape}")
+        swap = {-2: -1, -1: -2}
+        fields = {"axis": swap[self.axis], **({"axis2": swap[self.axis2]} if hasattr(self, "axis2") else {})}
+        return jax.tree_util.tree_map(lambda a: a.T, self).replace(**fields)
+
+    def __jax_array__(self) -> Array:
+        raise TypeError(f"a quantized kernel ({type(self).__name__}, {self.format}, shape {self.shape}) was used as an "
+                        "array: call the model through jlora.apply (or jlora.generate), or under `with "
+                        "jlora.quantized_layers():`, which compute its layers over it; jlora.dequantize(params) gives a "
+                        "float tree")
+
+    __array__ = __jax_array__
+
+
 def nf4_levels(index: Array, zero: Array | float = 0.0) -> Array:
     """``NF4_LEVELS[index]`` (float32) as a tree of 15 selects on the index's 4 bits: elementwise, so
     XLA fuses it into the dequantization (a gather from the table is not fused on CPU, and would
@@ -101,7 +140,7 @@ def nf4_levels(index: Array, zero: Array | float = 0.0) -> Array:
 
 
 @flax.struct.dataclass
-class Int8Kernel:
+class Int8Kernel(_QuantizedArrayLike):
     """int8 codes with one float32 absmax scale per output channel (see the module docstring)."""
 
     codes: Array
@@ -116,6 +155,7 @@ class Int8Kernel:
 
     def dequantize(self, dtype: Any = None) -> Array:
         """``codes * scale`` in float32, cast to ``dtype`` (default: the original kernel's)."""
+        _check_dtypes(self, codes=(jnp.int8,), scale=FLOATS)
         return (self.codes.astype(jnp.float32) * self.scale.astype(jnp.float32)).astype(dtype or self.dtype)
 
     @property
@@ -132,13 +172,13 @@ class Int8Kernel:
 
 
 @flax.struct.dataclass
-class NF4Kernel:
+class NF4Kernel(_QuantizedArrayLike):
     """NF4 codes, blocks of 64, double-quantized block scales (see the module docstring)."""
 
     codes: Array
     scale_codes: Array
-    scale_scale: Array
-    scale_mean: Array
+    scale_min: Array
+    scale_step: Array
     axis: int = flax.struct.field(pytree_node=False, default=-2)
     axis2: int = flax.struct.field(pytree_node=False, default=-1)
     dtype_name: str = flax.struct.field(pytree_node=False, default="float32")
@@ -151,22 +191,23 @@ class NF4Kernel:
     nbytes = Int8Kernel.nbytes
 
     def block_scales(self) -> Array:
-        """The float32 absmax of every block of 64, from its int8 code: ``(..., n / 64, ...)``."""
-        second = self.scale_codes.shape[self.axis2] // self.scale_scale.shape[self.axis2]
+        """The float32 absmax of every block of 64, from its uint8 log code: ``(..., n / 64, ...)``."""
+        second = self.scale_codes.shape[self.axis2] // self.scale_min.shape[self.axis2]
         codes = _blocks(self.scale_codes.astype(jnp.float32), self.axis2, second)
-        scaled = codes * _expand(self.scale_scale, self.axis2) / 127.0 + _expand(self.scale_mean, self.axis2)
-        return _unblock(scaled, self.axis2)
+        logs = _expand(self.scale_min, self.axis2) + codes * _expand(self.scale_step, self.axis2)
+        return _unblock(jnp.exp2(logs), self.axis2)
 
     def dequantize(self, dtype: Any = None) -> Array:
         """``NF4_LEVELS[code] * block absmax``, in float32, cast to ``dtype``."""
-        zero = self.scale_mean.reshape(-1)[0].astype(jnp.float32) * 0.0  # 0, but not a constant (see nf4_levels)
+        _check_dtypes(self, codes=(jnp.uint8,), scale_codes=(jnp.uint8,), scale_min=FLOATS, scale_step=FLOATS)
+        zero = self.scale_min.reshape(-1)[0].astype(jnp.float32) * 0.0  # 0, but not a constant (see nf4_levels)
         levels = nf4_levels(unpack_nibbles(self.codes, self.axis, NF4_BLOCK // 2), zero)
         values = _blocks(levels, self.axis, NF4_BLOCK) * _expand(self.block_scales(), self.axis)
         return _unblock(values, self.axis).astype(dtype or self.dtype)
 
 
 @flax.struct.dataclass
-class GGMLKernel:
+class GGMLKernel(_QuantizedArrayLike):
     """llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks of 32 along the block axis, bytes as in the GGUF file."""
 
     codes: Array
@@ -185,6 +226,8 @@ class GGMLKernel:
 
     def dequantize(self, dtype: Any = None) -> Array:
         """llama.cpp's formula in float32 (``gguf.quants.dequantize``'s, bit for bit), cast to ``dtype``."""
+        _check_dtypes(self, codes=(jnp.int8,) if self.kind == "q8_0" else (jnp.uint8,), d=(jnp.float16,),
+                      **({"m": (jnp.float16,)} if self.kind == "q4_1" else {}))
         if self.kind == "q8_0":
             q = self.codes.astype(jnp.float32)
         else:
@@ -238,12 +281,15 @@ def quantize_nf4(w: Array, axis: int = -2, dtype: Any = None) -> NF4Kernel:
     second = SCALE_BLOCK if length % SCALE_BLOCK == 0 else length
     grouped = _blocks(absmax, axis2, second)
     inner = _pos(axis2, absmax.ndim) + 1
-    mean = jnp.mean(grouped, axis=inner)
-    spread = jnp.max(jnp.abs(grouped - _expand(mean, axis2)), axis=inner)
-    spread = jnp.where(spread > 0, spread, 1.0)
-    scale_codes = jnp.clip(jnp.round((grouped - _expand(mean, axis2)) / _expand(spread, axis2) * 127.0), -127, 127)
-    return NF4Kernel(codes=codes, scale_codes=_unblock(scale_codes, axis2).astype(jnp.int8), scale_scale=spread,
-                     scale_mean=mean, axis=axis, axis2=axis2, dtype_name=jnp.dtype(dtype or w.dtype).name)
+    top = jnp.max(grouped, axis=inner, keepdims=True)
+    # an all-zero block decodes to zeros whatever its scale: give it the group's smallest useful one
+    floor = jnp.where(top > 0, top * 2.0 ** -40, 1.0)
+    logs = jnp.log2(jnp.maximum(jnp.where(grouped > 0, grouped, top), floor))
+    low, high = jnp.min(logs, axis=inner), jnp.max(logs, axis=inner)
+    step = jnp.where(high > low, (high - low) / 255.0, 1.0)
+    scale_codes = jnp.clip(jnp.round((logs - _expand(low, axis2)) / _expand(step, axis2)), 0, 255)
+    return NF4Kernel(codes=codes, scale_codes=_unblock(scale_codes, axis2).astype(jnp.uint8), scale_min=low,
+                     scale_step=step, axis=axis, axis2=axis2, dtype_name=jnp.dtype(dtype or w.dtype).name)
 
 
 def quantize_kernel(w: Array, fmt: str, axis: int = -2, dtype: Any = None, where: str = "kernel") -> QuantizedKernel:

@@ -22,6 +22,7 @@ interceptor themselves; call a model yourself over a quantized base under
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,25 @@ import numpy as np
 from jlora.layerkinds import is_transposed_layer
 from jlora.qformats import is_quantized
 from jlora.tree import COLLECTION, LORA_KEYS
+
+
+_STATE = threading.local()
+
+
+def inside_dequantized_call() -> bool:
+    """Whether a layer is being computed over its dequantized kernel right now: the layer's own code
+    runs then as a top-level module (path ``()``), which other interceptors must let through (jlora's
+    LoRA interceptor would otherwise take it for a kernel-less tied head)."""
+    return getattr(_STATE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _computing_base() -> Iterator[None]:
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
 
 
 def _zero_cotangent(x: Any) -> Any:
@@ -97,7 +117,8 @@ def call_dequantized(module: nn.Module, method: str, name: str, args: tuple, kwa
 
     def run(x_value: Any, weight: jax.Array, rest: dict) -> Any:
         call_args, call_kwargs = with_input(x_value)
-        return clone.apply({COLLECTION: {**rest, name: weight}}, *call_args, method=method, **call_kwargs)
+        with _computing_base():
+            return clone.apply({COLLECTION: {**rest, name: weight}}, *call_args, method=method, **call_kwargs)
 
     @jax.custom_vjp
     def layer(x_value, q_leaf, rest):
@@ -115,7 +136,12 @@ def call_dequantized(module: nn.Module, method: str, name: str, args: tuple, kwa
         return dx, jax.tree_util.tree_map(_zero_cotangent, q_leaf), drest
 
     layer.defvjp(forward, backward)
-    return layer(x, q, others)
+    try:
+        return layer(x, q, others)
+    except ValueError as err:  # the dequantization's dtype check: name the layer
+        if "quantized" not in str(err):
+            raise
+        raise ValueError(f"the quantized {name} of {'/'.join(module.path)!r}: {err}") from None
 
 
 def _interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:

@@ -67,7 +67,8 @@ def quantize(params: Tree, fmt: str = "nf4", *, include: Sequence[str] | None = 
         (per-output-channel absmax, ~1 byte per weight).
       include / exclude: regexes searched in each kernel's module path (``include`` replaces the
         default selection, ``exclude`` removes from it).
-      lm_head, embeddings: also quantize ``lm_head`` kernels / embedding tables (default: not).
+      lm_head, embeddings: also quantize ``lm_head`` kernels / embedding tables (default: not; tables
+        in int8 only, and a tied head reads them transposed).
       dtype: dtype of the dequantized kernels (default: each kernel's own), e.g. ``jnp.bfloat16``.
       model, inputs, layouts: axis roles for kernels of more than two axes (as :func:`jlora.init`).
 
@@ -79,6 +80,10 @@ def quantize(params: Tree, fmt: str = "nf4", *, include: Sequence[str] | None = 
         raise ValueError(f"jlora.quantize: fmt must be 'nf4' or 'int8', got {fmt!r} (GGUF files keep their own "
                          f"{[f for f in FORMATS if f.startswith('q')]} blocks: jlora.hf.load_gguf_llama(..., "
                          "quantized=True))")
+    if embeddings and fmt == "nf4":
+        raise ValueError("jlora.quantize: embeddings=True with 'nf4': nn.Embed checks its table's shape when it is set "
+                         "up, before jlora can dequantize it, and NF4 packs two codes a byte; quantize the tables in "
+                         "int8 first: jlora.quantize(jlora.quantize(params, 'int8', include=['embed']), 'nf4')")
     flat = flatten(params)
     in_vars = is_variables_dict(params)
     adapters = [key_path_str(p) for p in flat if p[-1] in LORA_KEYS]
