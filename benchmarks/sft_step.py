@@ -2,6 +2,7 @@
 
     python benchmarks/sft_step.py [--rounds 7] [--steps 2] [--wait-quiet S] [--quiet-below 0.25] [--threads 2]
                                   [--matmul-n 2048] [--tiny] [--out DIR] [--batch 4] [--seq-len 384] [--all-positions]
+                                  [--quantize nf4|int8|gguf]
 
 The CLI's default causal-LM step: LoRA (r=8, alpha=16, q_proj + v_proj) SFT of SmolLM2-135M-Instruct (the shipped
 GGUF) on a fixed batch: the first ``--batch`` packed rows of ``--seq-len`` tokens of the shipped BBC headline task
@@ -18,7 +19,8 @@ equal to 1e-4 relative. Then both steps and an fp32 matmul probe per framework a
 median step, tokens/s (non-padding), FLOPs (torch FlopCounterMode + attention by hand: SDPA's CPU kernel is not
 counted) and GFLOP/s; memory: XLA's compiled analysis of the jlora step (arguments + temps + outputs), torch's
 peak live tensor bytes in a step (:func:`torch_tensor_peak`; process RSS would hide allocator caches).
-``--tiny``: a random 2-layer hidden-64 tied Llama, SmolLM2's tokenizer (smoke test). Writes ``<out>/sft_step.json``.
+``--quantize FMT``: the CLI's step over the base quantized as ``jlora finetune --quantize FMT`` does, alternated
+with the others (its ratio to the LoRA step per round). ``--tiny``: a random 2-layer hidden-64 tied Llama, SmolLM2's tokenizer (smoke test). Writes ``<out>/sft_step.json``.
 """
 from __future__ import annotations
 
@@ -234,6 +236,13 @@ def table(result: dict) -> str:
                   f"{mib(mem.get('output'))})", f"{mib(t['total'])} ({mib(t['existing'])} + {mib(t['step_peak'])})"]),
              "",
              *alternation_footer(alt)]
+    if "jlora_qlora" in result:
+        q, qm = result["jlora_qlora"], result["jlora_qlora"]["memory"]
+        ratio = alt["ratios"]["jlora_qlora/jlora_lora"]
+        lines += ["", f"QLoRA (the CLI's --quantize {result['qlora']['quantize']}): median step {q['step_s']:.3f} s "
+                  f"({q['tokens_per_s']:.0f} tokens/s); per round jlora QLoRA / jlora LoRA {spread(ratio)}; loss at the "
+                  f"initial adapter {q['loss0']:.6f}; XLA arguments + temps {mib(qm.get('argument'))} + "
+                  f"{mib(qm.get('temp'))} MiB (LoRA {mib(mem.get('argument'))} + {mib(mem.get('temp'))})"]
     return "\n".join(lines)
 
 
@@ -262,6 +271,12 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     probes, mm_flops = matmul_probes(args.matmul_n, args.threads)
     runs = {"jlora_lora": j_run, "peft_lora": p_run, **probes}
     runs = {name: runs[name] for name in ORDER}
+    q_info = None
+    if args.quantize:  # the CLI's --quantize step: the same batch and adapters over a quantized base
+        lm_q = clm.load_causal_lm(model, max_positions=max(options.seq_len, options.max_length + options.max_new_tokens),
+                                  quantize=args.quantize)
+        q_run, q_info, _, _ = prepare_jlora(lm_q, options, data, cap)
+        runs = {"jlora_qlora": q_run, **runs}
     wait = (lambda: wait_quiet(args.quiet_below, args.wait_quiet)) if args.wait_quiet > 0 else None
     load_before = loadavg()
     alt = alternate(runs, args.rounds, args.steps, sample_load=CpuLoad().sample, before_round=wait)
@@ -284,9 +299,9 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "memory_notes": "peak_bytes: jlora: XLA's compiled memory analysis, arguments + temps + outputs - aliased; "
                         "torch: live tensor storages in one step (params, buffers, optimizer state, batch + the "
                         "step's peak of new ones; not allocator caches or BLAS buffers)"}
-    for name, info in (("jlora_lora", j_info), ("peft_lora", p_info)):
+    for name, info in (("jlora_lora", j_info), ("peft_lora", p_info), *((("jlora_qlora", q_info),) if q_info else ())):
         per_round = round_medians(alt, name)
-        probe = mm["xla_matmul" if name == "jlora_lora" else "torch_matmul"]
+        probe = mm["xla_matmul" if name.startswith("jlora") else "torch_matmul"]
         step_s = statistics.median(per_round)
         r = {**info, "first_step_s": alt["first_s"][name], "step_s": step_s, "round_s": per_round,
              "step_s_min": min(per_round), "step_s_max": max(per_round), "tokens_per_s": tokens / step_s,
@@ -295,7 +310,11 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         r["quiet"] = {"step_s": summary(pick(per_round)), "flop_per_s": summary(pick(r["flop_per_s"]["per_round"])),
                       "of_matmul": summary(pick(r["of_matmul"]["per_round"]))} if quiet else None
         result[name] = r
-    ratios = {f"{a}/{b}": paired(alt, a, b) for a, b in (SIDES, ("xla_matmul", "torch_matmul"))}
+    ratios = {f"{a}/{b}": paired(alt, a, b) for a, b in (SIDES, ("xla_matmul", "torch_matmul"),
+                                                         *((("jlora_qlora", "jlora_lora"),) if q_info else ()))}
+    if q_info:
+        result["qlora"] = {"quantize": args.quantize, "loss0": q_info["loss0"],
+                           "base_bytes": q_info["memory"].get("argument")}
     result["alternation"] = {
         "rounds": args.rounds, "steps_per_round": args.steps, "order_first_round": list(runs),
         "times_s": alt["rounds"], "order": alt["order"], "load": alt["load"], "waited": alt["before"],
@@ -323,6 +342,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a random-init 2-layer, hidden-64 Llama (smoke test)")
     parser.add_argument("--all-positions", action="store_true",
                         help="jlora applies the LM head at every position (as PEFT), not only where targets are")
+    parser.add_argument("--quantize", choices=("nf4", "int8", "gguf"), default=None,
+                        help="also the CLI's QLoRA step (--quantize) over the same batch, alternated with the others")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.matmul_n = args.matmul_n or (256 if args.tiny else 2048)
