@@ -163,7 +163,8 @@ def test_corrupt_restores_in_a_fresh_process_print_nothing(tmp_path):
     culprits = run.stdout.split("\n")[:len(cases)]
     assert all(c.startswith("array trainable/w") for c in culprits[:-1]), run.stdout
     assert culprits[-1] == str(btree.relative_to(step_dir)), run.stdout
-    assert run.stderr == "", run.stderr[:3000]
+    if run.stderr:  # in full: a rare leftover under load should say what it was
+        pytest.fail("the restores printed on stderr:\n" + run.stderr[:4000], pytrace=False)
 
 
 def test_latest_step_corrupt_is_refused_naming_the_earlier_steps_and_step_0_restores(saved, tmp_path):
