@@ -91,10 +91,11 @@ def _quantized_leaf(module: nn.Module, method: str) -> str | None:
 
 
 def _after(q_leaf: Any, anchor: Any) -> Any:
-    """``q_leaf`` made to depend on ``anchor``'s first element (its values unchanged unless that is
-    NaN or inf, when the layer's output is NaN anyway; a select that XLA fuses into the unpacking), so that XLA cannot dequantize before
-    ``anchor`` exists. XLA:CPU drops ``optimization_barrier``s before scheduling and would otherwise
-    dequantize every layer's kernel at the start of the step, all of them live at once."""
+    """``q_leaf`` made to depend on ``anchor``'s first element, so that XLA cannot dequantize before
+    ``anchor`` exists (a select that XLA fuses into the unpacking; the values are unchanged unless that
+    element is NaN or inf, when the layer's output is NaN anyway). XLA:CPU drops
+    ``optimization_barrier``s before scheduling and would otherwise dequantize every layer's kernel at
+    the start of the step, all of them live at once."""
     anchor = jnp.asarray(jax.tree_util.tree_leaves(anchor)[0])
     first = anchor.reshape(-1)[0].astype(jnp.float32)
     bad = jnp.isnan(first * 0.0)  # False for any finite value
