@@ -151,12 +151,11 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
 def part_memory_scan(args: argparse.Namespace) -> dict[str, Any]:
     """The GPU recipe's model (``llama_workload``: TinyLlama's shape, ``nn.scan`` over the layers with
     per-layer remat, plain float32 cross-entropy over the logits), bf16, compile only: LoRA vs QLoRA."""
-    from compare_peft import WORKLOADS
-    from llama_workload import lower_abstract
+    from llama_workload import LLAMA_WORKLOADS, lower_abstract
     out = {}
     for shape in args.scan_shapes.split(","):
         b, t = (int(v) for v in shape.split("x"))
-        spec, rows = dict(WORKLOADS["llama-1b"], batch=b, seq=t), {}
+        spec, rows = dict(LLAMA_WORKLOADS["llama-1b"], batch=b, seq=t), {}
         for name, variant, fmt in (("lora_bf16", "jlora_lora", None), ("qlora_nf4", "jlora_qlora", "nf4"),
                                    ("qlora_int8", "jlora_qlora", "int8")):
             start = time.perf_counter()

@@ -22,10 +22,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-
 from jlora.layerkinds import KernelLayout, discover, stored_transposed
 from jlora.qformats import FORMATS, is_quantized, quantize_kernel
+from jlora.summary import size_of
 from jlora.tree import LORA_KEYS, Tree, flatten, is_variables_dict, key_path_str, module_path, unflatten
 
 __all__ = ["quantize", "dequantize", "base_bytes", "is_quantized"]
@@ -125,4 +124,4 @@ def dequantize(params: Tree, dtype: Any = None) -> dict[str, Any]:
 
 def base_bytes(params: Tree) -> int:
     """Bytes of every array in ``params`` (codes and scales of quantized leaves included)."""
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    return size_of(params)[1]

@@ -14,7 +14,8 @@ from jlora.qformats import is_quantized
 from jlora.tree import COLLECTION, Tree, combine, flatten, is_variables_dict
 
 
-def _size(tree: Tree) -> tuple[int, int]:
+def size_of(tree: Tree) -> tuple[int, int]:
+    """``(parameters, bytes)`` of every leaf; a quantized kernel counts its weights and its codes' and scales' bytes."""
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)  # a quantized kernel: its weights, its bytes
     count = sum(math.prod(x.shape if is_quantized(x) else np.shape(x)) for x in leaves)
     nbytes = sum(x.nbytes if is_quantized(x) else math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
@@ -65,8 +66,8 @@ def count(params: Tree, lora: Tree, config: LoraConfig) -> LoraCount:
     combined = combine(params, lora)  # the trainable leaves, by label: no copies, no second plan (split's)
     marks = flatten(labels(combined, config))
     trainable = [leaf for path, leaf in flatten(combined).items() if marks[path] == TRAINABLE]
-    n_base, base_bytes = _size(params)
+    n_base, base_bytes = size_of(params)
     n_adapter = sum(target.n_params for target in plan.values())
-    n_trainable, trainable_bytes = _size(trainable)
+    n_trainable, trainable_bytes = size_of(trainable)
     return LoraCount(base=n_base, adapter=n_adapter, trainable=n_trainable,
                      checkpoint_bytes=trainable_bytes, base_bytes=base_bytes)

@@ -86,22 +86,22 @@ def _head(family: str, params: Any) -> tuple[str, str, bool]:
 
 def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False,
                    quantize: str | None = None) -> CausalLM:
-    """:func:`load_float_causal_lm`, its transformer blocks' kernels then quantized (QLoRA's frozen base):
+    """:func:`_load`, its transformer blocks' kernels then quantized (QLoRA's frozen base):
     ``quantize`` ``"nf4"`` / ``"int8"`` (:func:`jlora.quantize`, dequantized in the computation dtype),
     or ``"gguf"``: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks kept as they are (no float copy first)."""
     if quantize == "gguf":
         if name != "smollm2" and Path(name).suffix != ".gguf":
             raise ValueError(f"--quantize gguf keeps the blocks of a GGUF file; --model {name} is not one "
                              "(use --quantize nf4 or int8)")
-        return load_float_causal_lm(name, max_positions=max_positions, dtype=dtype, remat=remat, keep_blocks=True)
-    lm = load_float_causal_lm(name, max_positions=max_positions, dtype=dtype, remat=remat)
+        return _load(name, max_positions=max_positions, dtype=dtype, remat=remat, keep_blocks=True)
+    lm = _load(name, max_positions=max_positions, dtype=dtype, remat=remat)
     if quantize is not None:
         from jlora.quantize import quantize as quantize_params
         lm = dataclasses.replace(lm, params=quantize_params(lm.params, quantize, dtype=jnp.dtype(dtype)))
     return lm
 
 
-def load_float_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False,
+def _load(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False,
                          keep_blocks: bool = False) -> CausalLM:
     """``smollm2``, a Llama ``.gguf`` file, or an HF folder of a supported family (see module doc).
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ import optax
 
 from jlora.checkpoint import AdapterCheckpointer
 from jlora.config import LoraConfig
-from jlora.qformats import is_quantized
 from jlora.app.data import TextDataset, load_dataset
 from jlora.app.report import plot_metrics, read_metrics
 
@@ -265,7 +263,7 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
     import transformers
     from jlora.app.loop import Loop, run as run_loop
     from jlora.intercept import apply
-    from jlora.summary import count
+    from jlora.summary import count, size_of
     from jlora.train import make_train_step
 
     check_out(options)  # refused before anything loads; made once the data and model did
@@ -279,7 +277,7 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
-    n_base = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params, is_leaf=is_quantized))
+    n_base = size_of(params)[0]  # a quantized kernel counts its weights
     summary = str(count(params, trainable, config)) if config else \
         f"trainable params: {n_trainable:,} || base params: {n_base:,} || trainable%: {100 * n_trainable / n_base:.4f}"
     run_info = {"options": dataclasses.asdict(options), "labels": list(dataset.label_names),
