@@ -26,9 +26,11 @@ import numpy as np
 from jlora.config import LoraConfig
 from jlora.qlayers import quantized_layers
 from jlora.intercept import apply as lora_apply
+from jlora.bank import AdapterBank, apply as bank_apply, select as select_adapters
 
 Tree = Any
 _STATIC = ("max_new_tokens", "greedy", "eos", "pad", "return_logits")
+BANKED = "adapter bank"  # the sampler's "config" when rows run through an adapter bank
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {LoraConfig | None: jitted sampler}
 
 
@@ -76,6 +78,9 @@ def _forward(model: Any, config: LoraConfig | None, params: Tree, lora: Tree | N
              mask: jax.Array, positions: jax.Array, cache: Tree) -> tuple[jax.Array, Tree]:
     """One cached model call on ``ids`` (batch, t) -> (float32 logits of the last position (batch, vocab), cache).
 
+    ``lora``: an adapter tree (with ``config``), or a ``(bank, adapter_ids)`` pair (``config`` is
+    ``BANKED``): each row through its own adapter of the :class:`jlora.bank.AdapterBank`.
+
     ``mask`` (batch, cache_len): 1 on real tokens (prompt and generated), 0 on left padding;
     ``positions`` (batch, t): the position ids of ``ids``.
     """
@@ -84,6 +89,9 @@ def _forward(model: Any, config: LoraConfig | None, params: Tree, lora: Tree | N
         if lora is None:
             with quantized_layers():  # a quantized base (jlora.apply installs it itself, innermost)
                 out = model(ids, params=params, **kwargs)
+        elif config is BANKED:
+            bank, adapter_ids = lora
+            out = bank_apply(model)(params, bank, adapter_ids, ids, **kwargs)
         else:
             out = lora_apply(model, config)(params, lora, ids, **kwargs)
     return out.logits[:, -1, :].astype(jnp.float32), out.past_key_values
@@ -201,6 +209,21 @@ def _check_settings(model: Any, prompt_len: int, max_new_tokens: Any, temperatur
         raise ValueError("generate: lora was given without config (the LoraConfig the adapter was made with)")
 
 
+def _banked(bank: Any, adapter_ids: Any, lora: Any, batch: int) -> tuple[AdapterBank, jax.Array]:
+    """``(bank, adapter_ids)`` checked: a bank, one id per prompt row, and no ``lora`` beside them."""
+    if not isinstance(bank, AdapterBank):
+        raise ValueError(f"generate: adapter_ids needs bank=, a jlora.bank.AdapterBank (jlora.bank.stack), got "
+                         f"{type(bank).__name__}")
+    if lora is not None:
+        raise ValueError("generate: give either lora= (one adapter for every row) or bank= with adapter_ids=, not both")
+    if adapter_ids is None:
+        raise ValueError("generate: bank= needs adapter_ids=, one adapter id per prompt row (-1: the base model)")
+    ids = select_adapters(bank, adapter_ids)
+    if ids.shape != (batch,):
+        raise ValueError(f"generate: adapter_ids must hold one id per prompt row, shape ({batch},), got {ids.shape}")
+    return bank, ids
+
+
 def _eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
@@ -212,7 +235,8 @@ def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, 
              config: LoraConfig | None = None, prompt_mask: Any = None, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None,
              eos_token_id: int | Sequence[int] | str | None = "config",
-             pad_token_id: int | None = None, return_logits: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+             pad_token_id: int | None = None, return_logits: bool = False, bank: AdapterBank | None = None,
+             adapter_ids: Any = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample ``max_new_tokens`` tokens after each prompt with a KV cache, in one jitted function.
 
     Args:
@@ -233,6 +257,9 @@ def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, 
         eos id) afterwards, and the loop stops once every row has. Default ``"config"``: the model's
         ``config.eos_token_id``, as transformers' ``generate`` does; None: always N steps.
       return_logits: also return the float32 logits each token was chosen from (batch, N, vocab).
+      bank, adapter_ids: an :class:`jlora.bank.AdapterBank` and one id per row (``-1``: the base):
+        row ``b`` runs through adapter ``adapter_ids[b]``, all rows in one batch, unmerged (instead
+        of ``lora``/``config``). Swapping adapters in a bank of the same shapes does not recompile.
 
     Returns:
       tokens (batch, N) int32 (and the logits if ``return_logits``).
@@ -251,6 +278,8 @@ def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, 
     eos = _eos_ids(getattr(model.config, "eos_token_id", None) if eos_token_id == "config" else eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
     greedy = temperature == 0.0
+    if bank is not None or adapter_ids is not None:
+        lora, config = _banked(bank, adapter_ids, lora, ids.shape[0]), BANKED
     sampler = _compiled(model, config if lora is not None else None)
     tokens, logits = sampler(params, lora, ids, mask, jnp.float32(temperature if not greedy else 1.0),
                              jnp.float32(top_p), None if greedy else rng, max_new_tokens=int(max_new_tokens),

@@ -1,0 +1,399 @@
+"""Adapter banks: N LoRA adapters stacked in one tree, a different one applied to each example.
+
+The LoRA paper's own limitation (§4.2) is that inputs to different tasks cannot share one forward
+pass. A bank lifts it: ``stack`` pads N adapter trees to one rank ``R`` (zero columns of ``lora_a``
+and zero rows of ``lora_b`` add nothing) and stacks them along an adapter axis; ``apply(fn)`` runs
+``fn`` once on a batch where example ``b`` uses adapter ``adapter_ids[b]``:
+
+    y[b] = x[b] @ W + scale[ids[b]] * (x[b] @ A[ids[b]]) @ B[ids[b]]      (ids[b] = -1: the base, y = x @ W)
+
+computed as a gather of the selected factors ``A[ids] (batch, fan_in, R)``, ``B[ids] (batch, R,
+fan_out)`` and two batched matmuls: ``O(batch * tokens * R * (fan_in + fan_out))`` FLOPs and
+``O(batch * R * (fan_in + fan_out))`` bytes read per layer, whatever N is (no one-hot over the bank).
+
+Layout of a bank leaf (per adapted kernel): ``bank_a (*stack, N, *fan_in, R)``, ``bank_b (*stack, N,
+R, *fan_out)``, ``bank_scale (*stack, N)``: the adapter axis comes after an ``nn.scan`` stack's
+layer axis (so ``nn.scan`` slices layers, each layer seeing ``(N, ...)``) and before a fused
+projection's slice axis. The bank is a pytree of arrays only (:class:`AdapterBank`): replacing a
+slot (:func:`put`) keeps every shape, so a jitted forward or sampler taking the bank as an argument
+does not recompile. Each slot keeps its own rank and scale (``alpha / r``, rslora, per-path
+patterns), so :func:`take` gives back the adapter and a config that merge to the same weights.
+
+Training several adapters on one mixed batch is ``jax.grad`` w.r.t. ``bank.factors``: slot ``k``
+gets gradient only from the examples whose id is ``k`` (its rows of the gather).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.config import LoraConfig
+from jlora.layerkinds import as_function, contracted_axes, is_adaptable
+from jlora.layers import add_delta, dropout
+from jlora.plan import Target, make_plan
+from jlora.qlayers import inside_dequantized_call, quantized_layers
+from jlora.tree import COLLECTION, KeyPath, Tree, adapter_modules, combine, flatten, is_variables_dict, unflatten
+
+BASE = -1  # the adapter id of "no adapter": the base model
+BANK_KEYS = ("bank_a", "bank_b", "bank_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class BankTarget:
+    """One adapted kernel of a bank: where it is and its axis roles (static, part of the treedef)."""
+
+    path: str                       # module path, e.g. "model/layers/0/self_attn/q_proj"
+    module_key: KeyPath             # key path of the module dict in params
+    stack_dims: int                 # leading nn.scan axes of its kernel
+    in_dims: int                    # contracted (fan_in) axes
+    slices: tuple[bool, ...] | None  # a fused projection's enabled slices (GPT-2 c_attn), else None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterBank:
+    """N adapters with one padded rank, stacked per kernel (see the module docstring for shapes).
+
+    Attributes:
+      factors: ``{module key path: {"lora_a": (*stack, N, *in, R), "lora_b": (*stack, N, R, *out)}}``
+        as a tree mirroring params (the trainable part: take gradients w.r.t. it).
+      scales: the same tree with ``(N,)`` float32 scales per kernel (0 where a slot has no adapter).
+      ranks: the same tree with ``(N,)`` int32 ranks per kernel (0 where a slot has no adapter).
+      targets: static ``(BankTarget, ...)``; ``rank``: the padded rank R; ``in_variables``: whether
+        params is a linen variables dict.
+    """
+
+    factors: Tree
+    scales: Tree
+    ranks: Tree
+    targets: tuple[BankTarget, ...] = dataclasses.field(metadata=dict(static=True))
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    in_variables: bool = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def size(self) -> int:
+        """N, the number of slots."""
+        first = self.targets[0]
+        return int(_leaf(self.scales, first.module_key).shape[0])
+
+    def occupied(self) -> list[int]:
+        """Slots that hold an adapter (some kernel with rank > 0)."""
+        used = np.zeros(self.size, bool)
+        for t in self.targets:
+            used |= np.asarray(_leaf(self.ranks, t.module_key)) > 0
+        return [int(i) for i in np.flatnonzero(used)]
+
+    def nbytes(self) -> int:
+        """Bytes of the stacked factors (what the bank adds to the base's memory)."""
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(self.factors))
+
+
+def _leaf(tree: Tree, module_key: KeyPath) -> Any:
+    for key in module_key:
+        tree = tree[key]
+    return tree
+
+
+def _plan(params: Tree, lora: Tree, config: LoraConfig, model: Any, caller: str) -> dict[KeyPath, Target]:
+    plan = make_plan(params, config, lora=lora, model=model, caller=caller)
+    out = {}
+    for target in plan.values():
+        if target.kind != "dense":
+            raise ValueError(f"{caller}: the adapter at {target.path!r} is on an embedding table ({target.layer}); "
+                             "adapter banks cover Dense-like layers (Dense, DenseGeneral, Conv1D, fused projections) "
+                             "only. Drop that target from the adapter, or merge it into the base")
+        out[target.key_path[:-1]] = target
+    return out
+
+
+def _pad_rank(x: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rank - x.shape[axis])
+    return np.pad(x, pad)
+
+
+def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: int | None = None,
+          rank: int | None = None, model: Any = None, dtype: Any = None) -> AdapterBank:
+    """Stack adapters ``[(lora, config), ...]`` (slot ``i`` = ``adapters[i]``) into an :class:`AdapterBank`.
+
+    Args:
+      adapters: adapter trees over ``params`` with their LoraConfigs (ranks, alphas, targets may differ).
+      params: the base params they were made for (the plan checks each adapter against it).
+      size: N, the number of slots (default ``len(adapters)``); extra slots are empty (rank 0, scale 0)
+        and can be filled later with :func:`put` without recompiling.
+      rank: the padded rank R (default the largest rank given); leave room for adapters put later.
+      model: the model, when axis roles cannot be read off the shapes (as for ``jlora.init``).
+      dtype: dtype of the stacked factors (default: the first adapter's).
+
+    Every kernel any adapter targets gets a bank entry; slots whose adapter does not target it hold zeros.
+    """
+    if not adapters and size is None:
+        raise ValueError("jlora.bank.stack: adapters is empty; give at least one (lora, config) pair, or size= "
+                         "and a template with jlora.bank.empty")
+    plans = [_plan(params, lora, config, model, f"jlora.bank.stack: adapters[{i}]")
+             for i, (lora, config) in enumerate(_pairs(adapters, "jlora.bank.stack"))]
+    size = len(adapters) if size is None else int(size)
+    if size < max(len(adapters), 1):
+        raise ValueError(f"jlora.bank.stack: size={size} is smaller than the {len(adapters)} adapters given")
+    top = max(t.rank for plan in plans for t in plan.values())
+    rank = top if rank is None else int(rank)
+    if rank < top:
+        raise ValueError(f"jlora.bank.stack: rank={rank} is below the largest adapter rank {top}")
+    dtype = dtype or next(iter(jax.tree_util.tree_leaves(adapters[0][0]))).dtype
+    targets: dict[KeyPath, Target] = {}
+    for plan in plans:
+        for key, t in plan.items():
+            seen = targets.setdefault(key, t)
+            if (seen.slices, seen.layout) != (t.slices, t.layout):
+                raise ValueError(f"jlora.bank.stack: adapters disagree on {t.path!r}: fused slices {seen.slices} vs "
+                                 f"{t.slices}, layout {seen.layout} vs {t.layout}; one bank needs one layout per kernel")
+    records = tuple(BankTarget(t.path, key, t.layout.stack_dims, len(t.axes[1]), t.slices)
+                    for key, t in sorted(targets.items(), key=lambda kv: kv[1].path))
+    factors, scales, ranks = {}, {}, {}
+    for rec in records:
+        lead, fan_in, fan_out = targets[rec.module_key].axes  # lead: nn.scan axes, then a fused slice axis
+        a_shape, b_shape = (*lead, *fan_in, rank), (*lead, rank, *fan_out)
+        s = rec.stack_dims
+        factors[(*rec.module_key, "lora_a")] = np.zeros((*a_shape[:s], size, *a_shape[s:]), dtype)
+        factors[(*rec.module_key, "lora_b")] = np.zeros((*b_shape[:s], size, *b_shape[s:]), dtype)
+        scales[rec.module_key] = np.zeros(size, np.float32)
+        ranks[rec.module_key] = np.zeros(size, np.int32)
+    bank = AdapterBank(unflatten(factors), unflatten(scales), unflatten(ranks), records, rank, is_variables_dict(params))
+    return _fill(bank, {i: (pair, plan) for i, (pair, plan) in enumerate(zip(adapters, plans))})
+
+
+def _pairs(adapters: Any, caller: str) -> list[tuple[Tree, LoraConfig]]:
+    pairs = list(adapters)
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], LoraConfig)):
+            raise TypeError(f"{caller}: adapters[{i}] must be a (lora, LoraConfig) pair, got {type(pair).__name__}")
+    return pairs
+
+
+def _fill(bank: AdapterBank, slots: dict[int, tuple[tuple[Tree, LoraConfig], dict[KeyPath, Target]]],
+          caller: str = "jlora.bank.stack") -> AdapterBank:
+    """``bank`` with each ``slot`` holding its adapter (padded to R), scale and rank; other kernels zeroed."""
+    factors, scales, ranks = flatten(bank.factors), flatten(bank.scales), flatten(bank.ranks)
+    factors = {k: jnp.asarray(v) for k, v in factors.items()}
+    scales, ranks = {k: np.array(v) for k, v in scales.items()}, {k: np.array(v) for k, v in ranks.items()}
+    known = {rec.module_key for rec in bank.targets}
+    for slot, ((lora, _), plan) in slots.items():
+        extra = sorted(t.path for key, t in plan.items() if key not in known)
+        if extra:
+            raise ValueError(f"{caller}: the adapter for slot {slot} adapts {extra}, which the bank has no entry for "
+                             f"(it covers {[r.path for r in bank.targets]}); stack a bank that includes them")
+        pairs = adapter_modules(lora)
+        for rec in bank.targets:
+            a_key, b_key = (*rec.module_key, "lora_a"), (*rec.module_key, "lora_b")
+            a_bank, b_bank = factors[a_key], factors[b_key]
+            s = rec.stack_dims
+            where = (slice(None),) * s + (slot,)
+            target = plan.get(rec.module_key)
+            if target is None:
+                a, b, scale, rank = jnp.zeros(a_bank[where].shape), jnp.zeros(b_bank[where].shape), 0.0, 0
+            else:
+                if target.rank > bank.rank:
+                    raise ValueError(f"{caller}: the adapter for slot {slot} has rank {target.rank} at {target.path!r}, "
+                                     f"above the bank's rank {bank.rank}; stack the bank with rank={target.rank} or more")
+                pair = pairs[rec.module_key]
+                a, b = jnp.asarray(pair["lora_a"]), jnp.asarray(pair["lora_b"])
+                lead = a.ndim - rec.in_dims - 1
+                a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, bank.rank - target.rank)])
+                b = jnp.pad(b, [(0, 0)] * lead + [(0, bank.rank - target.rank)] + [(0, 0)] * (b.ndim - lead - 1))
+                scale, rank = target.scale, target.rank
+            if a.shape != a_bank[where].shape or b.shape != b_bank[where].shape:
+                raise ValueError(f"{caller}: slot {slot}'s adapter at {rec.path!r} has shapes {a.shape}, {b.shape} after "
+                                 f"padding to rank {bank.rank}; the bank holds {a_bank[where].shape}, {b_bank[where].shape}")
+            factors[a_key] = a_bank.at[where].set(a.astype(a_bank.dtype))
+            factors[b_key] = b_bank.at[where].set(b.astype(b_bank.dtype))
+            scales[rec.module_key][slot], ranks[rec.module_key][slot] = scale, rank
+    return dataclasses.replace(bank, factors=unflatten(factors),
+                               scales=unflatten({k: jnp.asarray(v) for k, v in scales.items()}),
+                               ranks=unflatten({k: jnp.asarray(v) for k, v in ranks.items()}))
+
+
+def _check_slot(bank: AdapterBank, slot: Any, caller: str) -> int:
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < bank.size:
+        raise ValueError(f"{caller}: slot must be an int in [0, {bank.size}), got {slot!r}")
+    return int(slot)
+
+
+def put(bank: AdapterBank, slot: int, lora: Tree, config: LoraConfig, params: Tree, *,
+        model: Any = None) -> AdapterBank:
+    """``bank`` with ``slot`` replaced by ``(lora, config)`` (checked against ``params``).
+
+    Every shape stays, so functions jitted over the bank do not recompile (hot swap). The adapter may
+    have a lower rank than the bank's (zero padded) and target a subset of its kernels; a higher rank
+    or a kernel the bank lacks is an error naming it.
+    """
+    slot = _check_slot(bank, slot, "jlora.bank.put")
+    plan = _plan(params, lora, config, model, f"jlora.bank.put: slot {slot}")
+    return _fill(bank, {slot: ((lora, config), plan)}, "jlora.bank.put")
+
+
+def clear(bank: AdapterBank, slot: int) -> AdapterBank:
+    """``bank`` with ``slot`` emptied (zeros, scale 0): its examples get the base model."""
+    slot = _check_slot(bank, slot, "jlora.bank.clear")
+    return _fill(bank, {slot: (({}, None), {})}, "jlora.bank.clear")
+
+
+def take(bank: AdapterBank, slot: int) -> tuple[dict[str, Any], LoraConfig]:
+    """Slot ``slot`` as an ordinary ``(lora, config)``: its own ranks (padding dropped) and scales.
+
+    ``jlora.merge(params, *take(bank, i))`` is the model that example with id ``i`` runs through.
+    """
+    slot = _check_slot(bank, slot, "jlora.bank.take")
+    flat, ranks, alphas = {}, {}, {}
+    for rec in bank.targets:
+        rank = int(np.asarray(_leaf(bank.ranks, rec.module_key))[slot])
+        if rank == 0:
+            continue
+        pair = _leaf(bank.factors, rec.module_key)
+        a, b = (jnp.take(pair[k], slot, axis=rec.stack_dims) for k in ("lora_a", "lora_b"))
+        lead = a.ndim - rec.in_dims - 1
+        flat[(*rec.module_key, "lora_a")] = a[..., :rank]
+        flat[(*rec.module_key, "lora_b")] = jax.lax.slice_in_dim(b, 0, rank, axis=lead)
+        ranks[rec.path] = rank
+        alphas[rec.path] = float(np.asarray(_leaf(bank.scales, rec.module_key))[slot]) * rank
+    if not flat:
+        raise ValueError(f"jlora.bank.take: slot {slot} is empty (occupied: {bank.occupied()})")
+    first = next(iter(ranks))
+    fused = {rec.path: rec.slices for rec in bank.targets if rec.slices is not None and rec.path in ranks}
+    config = LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=tuple(ranks),
+                        rank_pattern={_exact(p): r for p, r in ranks.items() if r != ranks[first]},
+                        alpha_pattern={_exact(p): a for p, a in alphas.items() if a != alphas[first]},
+                        enable_lora={_exact(p): m for p, m in fused.items()})
+    return unflatten(flat), config
+
+
+def _exact(path: str) -> str:
+    return "".join("\\" + c if c in ".^$*+?{}[]()|\\" else c for c in path)
+
+
+def select(bank: AdapterBank, adapter_ids: Any) -> jax.Array:
+    """``adapter_ids`` as an int32 (batch,) array, checked when concrete: each in ``[-1, N)`` (-1: the base)."""
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"adapter_ids: expected a 1-D integer array (one id per example), got shape {ids.shape} "
+                         f"dtype {ids.dtype}")
+    try:
+        low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    except jax.errors.ConcretizationTypeError:  # traced: checked where the ids are concrete
+        return ids.astype(jnp.int32)
+    if low < BASE or high >= bank.size:
+        raise ValueError(f"adapter_ids: ids must lie in [-1, {bank.size}) (-1 = the base model, else a slot of the "
+                         f"{bank.size}-slot bank), got values in [{low}, {high}]")
+    return ids.astype(jnp.int32)
+
+
+def bank_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Array, *, axes: Sequence[int] = (-1,),
+               slices: Sequence[bool] | None = None) -> jax.Array:
+    """The low-rank path with one adapter per example (axis 0 of ``x`` is the batch).
+
+    Args:
+      x: ``(batch, ..., *fan_in)``; the ``axes`` (fan_in axes) are contracted.
+      lora_a: ``(batch, *fan_in, R)`` (fused: ``(batch, n_enabled, fan_in, R)``), each example's ``A``.
+      lora_b: ``(batch, R, *fan_out)`` (fused: ``(batch, n_enabled, R, slice)``).
+      scale: ``(batch,)``: each example's ``alpha / r`` (0: no adapter).
+
+    Returns:
+      ``scale[b] * (x[b] @ lora_a[b]) @ lora_b[b]``, shaped ``(batch, ..., *fan_out)`` (fused: the
+      ``len(slices) * slice`` output features, zeros in the disabled slices).
+    """
+    dtype = jnp.promote_types(x.dtype, lora_a.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else lora_a.dtype
+    x, lora_a, lora_b = x.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype)
+    if slices is not None:
+        hidden = jnp.einsum("b...i,beir->b...er", x, lora_a)
+        hidden = hidden * scale.astype(dtype).reshape((-1,) + (1,) * (hidden.ndim - 1))
+        parts = jnp.einsum("b...er,bero->b...eo", hidden, lora_b)
+        zeros = jnp.zeros(parts.shape[:-2] + parts.shape[-1:], dtype)
+        slots = iter(range(parts.shape[-2]))
+        return jnp.concatenate([parts[..., next(slots), :] if on else zeros for on in slices], axis=-1)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    if 0 in axes:
+        raise ValueError("bank_delta: the layer contracts axis 0, which adapter banks take as the batch axis")
+    hidden = jax.lax.dot_general(x, lora_a, ((axes, tuple(range(1, 1 + len(axes)))), ((0,), (0,))))
+    hidden = hidden * scale.astype(dtype).reshape((-1,) + (1,) * (hidden.ndim - 1))
+    return jax.lax.dot_general(hidden, lora_b, (((hidden.ndim - 1,), (1,)), ((0,), (0,))))
+
+
+class _BankInterceptor:
+    """Adds each example's adapter to the layers that hold ``bank_a``/``bank_b``/``bank_scale``."""
+
+    def __init__(self, bank: AdapterBank, ids: jax.Array, rate: float, dropout_rng: str):
+        self.ids, self.rate, self.dropout_rng = ids, rate, dropout_rng
+        self.slices = {rec.path: rec.slices for rec in bank.targets}
+        self.used: set[str] = set()
+
+    def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        if inside_dequantized_call() or context.method_name != "__call__" or not is_adaptable(module) \
+                or not module.has_variable(COLLECTION, "bank_a"):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        base = next_fun(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] != self.ids.shape[0]:
+            raise ValueError(f"jlora.bank.apply: the layer at {path!r} got inputs of shape {tuple(x.shape)}, whose "
+                             f"axis 0 (taken as the batch) is not the {self.ids.shape[0]} adapter_ids given")
+        if self.rate > 0.0 and module.has_rng(self.dropout_rng):
+            x = dropout(x, self.rate, module.make_rng(self.dropout_rng))
+        slot = jnp.clip(self.ids, 0, None)
+        lora_a = jnp.take(module.get_variable(COLLECTION, "bank_a"), slot, axis=0)
+        lora_b = jnp.take(module.get_variable(COLLECTION, "bank_b"), slot, axis=0)
+        scale = jnp.where(self.ids >= 0, jnp.take(module.get_variable(COLLECTION, "bank_scale"), slot, axis=0), 0.0)
+        self.used.add(path)
+        return add_delta(base, bank_delta(x, lora_a, lora_b, scale, axes=contracted_axes(module),
+                                          slices=self.slices.get(path)))
+
+
+def overlay(bank: AdapterBank) -> dict[str, Any]:
+    """The bank as params leaves next to each kernel: ``bank_a``, ``bank_b``, ``bank_scale (*stack, N)``."""
+    flat = {}
+    for rec in bank.targets:
+        pair = _leaf(bank.factors, rec.module_key)
+        a = pair["lora_a"]
+        flat[(*rec.module_key, "bank_a")] = a
+        flat[(*rec.module_key, "bank_b")] = pair["lora_b"]
+        flat[(*rec.module_key, "bank_scale")] = jnp.broadcast_to(_leaf(bank.scales, rec.module_key),
+                                                                 a.shape[:rec.stack_dims + 1])
+    return unflatten(flat)
+
+
+class BankApply:
+    """``f(params, bank, adapter_ids, *args, **kwargs)``: ``fn`` with example ``b`` through adapter ``adapter_ids[b]``."""
+
+    def __init__(self, fn: Callable, *, lora_dropout: float = 0.0, dropout_rng: str = "dropout"):
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"jlora.bank.apply: lora_dropout must lie in [0, 1), got {lora_dropout!r}")
+        self.fn, self.rate, self.dropout_rng = as_function(fn, "jlora.bank.apply"), lora_dropout, dropout_rng
+
+    def __call__(self, params: Tree, bank: AdapterBank, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(bank, AdapterBank):
+            raise TypeError(f"jlora.bank.apply: bank must be a jlora.bank.AdapterBank (jlora.bank.stack), got "
+                            f"{type(bank).__name__}")
+        ids = select(bank, adapter_ids)
+        interceptor = _BankInterceptor(bank, ids, self.rate, self.dropout_rng)
+        with nn.intercept_methods(interceptor), quantized_layers():
+            out = self.fn(combine(params, overlay(bank)), *args, **kwargs)
+        unused = sorted({rec.path for rec in bank.targets} - interceptor.used)
+        if unused:
+            raise ValueError(f"jlora.bank.apply: the bank's kernels {unused} were never used: no Dense-like call with "
+                             "those paths ran inside fn; was the bank stacked for another model?")
+        return out
+
+
+def apply(fn: Callable, *, lora_dropout: float = 0.0, dropout_rng: str = "dropout") -> BankApply:
+    """Wrap ``fn`` (``module.apply`` or an HF Flax model) as ``f(params, bank, adapter_ids, *args, **kwargs)``.
+
+    Example ``b`` of the batch (axis 0 of every adapted layer's input) runs through
+    ``jlora.merge(params, *take(bank, adapter_ids[b]))`` (``-1``: the base), in one pass, never
+    merged. LoRA dropout (``lora_dropout``) is active when ``fn`` gets an rng for ``dropout_rng``.
+    """
+    return BankApply(fn, lora_dropout=lora_dropout, dropout_rng=dropout_rng)
