@@ -100,8 +100,9 @@ def _leaf(tree: Tree, module_key: KeyPath) -> Any:
     return tree
 
 
-def _plan(params: Tree, lora: Tree, config: LoraConfig, model: Any, caller: str) -> dict[KeyPath, Target]:
-    plan = make_plan(params, config, lora=lora, model=model, caller=caller)
+def _plan(params: Tree, lora: Tree, config: LoraConfig, model: Any, inputs: tuple | None,
+          caller: str) -> dict[KeyPath, Target]:
+    plan = make_plan(params, config, lora=lora, model=model, inputs=inputs, caller=caller)
     out = {}
     for target in plan.values():
         if target.kind != "dense":
@@ -112,14 +113,16 @@ def _plan(params: Tree, lora: Tree, config: LoraConfig, model: Any, caller: str)
     return out
 
 
-def _pad_rank(x: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, rank - x.shape[axis])
-    return np.pad(x, pad)
+def _plan_check(target: Target) -> Target:
+    if target.kind != "dense":
+        raise ValueError(f"jlora.bank.stack: cover selects {target.path!r}, an embedding table; adapter banks cover "
+                         "Dense-like layers only")
+    return target
 
 
 def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: int | None = None,
-          rank: int | None = None, model: Any = None, dtype: Any = None) -> AdapterBank:
+          rank: int | None = None, cover: LoraConfig | None = None, model: Any = None, inputs: tuple | None = None,
+          dtype: Any = None) -> AdapterBank:
     """Stack adapters ``[(lora, config), ...]`` (slot ``i`` = ``adapters[i]``) into an :class:`AdapterBank`.
 
     Args:
@@ -128,19 +131,25 @@ def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: in
       size: N, the number of slots (default ``len(adapters)``); extra slots are empty (rank 0, scale 0)
         and can be filled later with :func:`put` without recompiling.
       rank: the padded rank R (default the largest rank given); leave room for adapters put later.
-      model: the model, when axis roles cannot be read off the shapes (as for ``jlora.init``).
+      cover: a LoraConfig whose selected kernels (and rank) the bank covers besides the adapters'
+        (room for adapters :func:`put` later, e.g. a server's bank may start empty: ``adapters=[]``).
+      model, inputs: the model (and a linen model's example inputs), when axis roles cannot be read off
+        the adapters' shapes (as for ``jlora.merge``; rarely needed: the adapters fix them).
       dtype: dtype of the stacked factors (default: the first adapter's).
 
     Every kernel any adapter targets gets a bank entry; slots whose adapter does not target it hold zeros.
     """
-    if not adapters and size is None:
-        raise ValueError("jlora.bank.stack: adapters is empty; give at least one (lora, config) pair, or size= "
-                         "and a template with jlora.bank.empty")
-    plans = [_plan(params, lora, config, model, f"jlora.bank.stack: adapters[{i}]")
+    if not adapters and (size is None or cover is None):
+        raise ValueError("jlora.bank.stack: adapters is empty; give at least one (lora, config) pair, or size= and "
+                         "cover= (a LoraConfig saying which kernels, at which rank, the bank holds)")
+    plans = [_plan(params, lora, config, model, inputs, f"jlora.bank.stack: adapters[{i}]")
              for i, (lora, config) in enumerate(_pairs(adapters, "jlora.bank.stack"))]
     size = len(adapters) if size is None else int(size)
     if size < max(len(adapters), 1):
         raise ValueError(f"jlora.bank.stack: size={size} is smaller than the {len(adapters)} adapters given")
+    if cover is not None:
+        covered = make_plan(params, cover, model=model, inputs=inputs, caller="jlora.bank.stack: cover")
+        plans.append({t.key_path[:-1]: _plan_check(t) for t in covered.values()})
     top = max(t.rank for plan in plans for t in plan.values())
     rank = top if rank is None else int(rank)
     if rank < top:
@@ -165,7 +174,7 @@ def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: in
         scales[rec.module_key] = np.zeros(size, np.float32)
         ranks[rec.module_key] = np.zeros(size, np.int32)
     bank = AdapterBank(unflatten(factors), unflatten(scales), unflatten(ranks), records, rank, is_variables_dict(params))
-    return _fill(bank, {i: (pair, plan) for i, (pair, plan) in enumerate(zip(adapters, plans))})
+    return _fill(bank, {i: (pair, plan) for i, (pair, plan) in enumerate(zip(adapters, plans[:len(adapters)]))})
 
 
 def _pairs(adapters: Any, caller: str) -> list[tuple[Tree, LoraConfig]]:
@@ -225,7 +234,7 @@ def _check_slot(bank: AdapterBank, slot: Any, caller: str) -> int:
 
 
 def put(bank: AdapterBank, slot: int, lora: Tree, config: LoraConfig, params: Tree, *,
-        model: Any = None) -> AdapterBank:
+        model: Any = None, inputs: tuple | None = None) -> AdapterBank:
     """``bank`` with ``slot`` replaced by ``(lora, config)`` (checked against ``params``).
 
     Every shape stays, so functions jitted over the bank do not recompile (hot swap). The adapter may
@@ -233,7 +242,7 @@ def put(bank: AdapterBank, slot: int, lora: Tree, config: LoraConfig, params: Tr
     or a kernel the bank lacks is an error naming it.
     """
     slot = _check_slot(bank, slot, "jlora.bank.put")
-    plan = _plan(params, lora, config, model, f"jlora.bank.put: slot {slot}")
+    plan = _plan(params, lora, config, model, inputs, f"jlora.bank.put: slot {slot}")
     return _fill(bank, {slot: ((lora, config), plan)}, "jlora.bank.put")
 
 

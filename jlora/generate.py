@@ -274,12 +274,14 @@ def generate(model: Any, params: Tree, prompt_ids: Any, *, max_new_tokens: int, 
         raise ValueError(f"generate: model must be an HF Flax causal LM with init_cache, got {type(model).__name__}")
     ids, mask = _check_prompt(model, prompt_ids, prompt_mask)
     temperature, top_p = float(temperature), float(top_p)
-    _check_settings(model, ids.shape[1], max_new_tokens, temperature, top_p, rng, lora, config)
+    banked = bank is not None or adapter_ids is not None
+    if banked:
+        lora = _banked(bank, adapter_ids, lora, ids.shape[0])
+    _check_settings(model, ids.shape[1], max_new_tokens, temperature, top_p, rng, None if banked else lora, config)
+    config = BANKED if banked else config
     eos = _eos_ids(getattr(model.config, "eos_token_id", None) if eos_token_id == "config" else eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
     greedy = temperature == 0.0
-    if bank is not None or adapter_ids is not None:
-        lora, config = _banked(bank, adapter_ids, lora, ids.shape[0]), BANKED
     sampler = _compiled(model, config if lora is not None else None)
     tokens, logits = sampler(params, lora, ids, mask, jnp.float32(temperature if not greedy else 1.0),
                              jnp.float32(top_p), None if greedy else rng, max_new_tokens=int(max_new_tokens),

@@ -214,3 +214,49 @@ def test_bad_input_names_the_parameter(llama, change, match):
     kwargs = {"prompt_ids": PROMPTS, "prompt_mask": MASK, "max_new_tokens": N, **change}
     with pytest.raises(ValueError, match=match):
         generate(llama, llama.params, kwargs.pop("prompt_ids"), **kwargs)
+
+
+# --- 7. a different adapter per row (jlora.bank) ---------------------------------------------------
+
+def test_each_row_with_its_own_adapter_equals_generating_it_alone_merged(llama):
+    from jlora import bank as jb
+    from jlora.generate import BANKED
+    configs = [LLAMA_LORA, jlora.LoraConfig(r=2, lora_alpha=8, target_modules=("q_proj", "k_proj", "o_proj")),
+               jlora.LoraConfig(r=8, lora_alpha=8, target_modules=("v_proj", "down_proj"), use_rslora=True)]
+    adapters = [(_adapter(llama, c, seed=3 * i), c) for i, c in enumerate(configs)]
+    cover = jlora.LoraConfig(r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    bank = jb.stack(adapters[:2], llama.params, size=4, cover=cover)  # room for adapters put later
+    prompts = np.concatenate([PROMPTS, PROMPTS[::-1]])
+    mask = np.concatenate([MASK, MASK[::-1]])
+    ids = np.array([0, 1, -1, 1, 0, 0])
+    got = generate(llama, llama.params, prompts, prompt_mask=mask, max_new_tokens=N, bank=bank, adapter_ids=ids)
+    sampler = _compiled(llama, BANKED)
+    size = sampler._cache_size()
+    bank = jb.put(bank, 2, *adapters[2], llama.params)       # hot swap into a free slot: same shapes
+    ids2 = np.array([2, 2, 0, -1, 1, 2])
+    got2 = generate(llama, llama.params, prompts, prompt_mask=mask, max_new_tokens=N, bank=bank, adapter_ids=ids2)
+    assert sampler._cache_size() == size == 1
+    for tokens, row_ids in ((got, ids), (got2, ids2)):
+        for b, i in enumerate(row_ids):
+            params = llama.params if i < 0 else jlora.merge(llama.params, *adapters[i])
+            # the row's own left padding stripped: generating it alone, as its own batch of one
+            start = int(np.argmax(mask[b]))
+            alone = generate(llama, params, prompts[b:b + 1, start:], max_new_tokens=N)
+            np.testing.assert_array_equal(tokens[b], alone[0], err_msg=f"row {b}, adapter {i}")
+    assert len({tuple(np.asarray(t)) for t in got2}) > 3   # the adapters do change the tokens
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"adapter_ids": [0, 1, 0]}, "adapter_ids needs bank="),
+    ({"bank": "bank"}, "adapter_ids needs bank="),
+    ({"bank": True, "adapter_ids": [0, 1]}, "one id per prompt row"),
+    ({"bank": True}, "bank= needs adapter_ids="),
+    ({"bank": True, "adapter_ids": [0, 5, 0]}, r"ids must lie in \[-1, 2\)"),
+    ({"bank": True, "adapter_ids": [0, 1, 0], "lora": {}}, "either lora= .* or bank="),
+])
+def test_bank_bad_input_names_the_parameter(llama, kwargs, match):
+    from jlora import bank as jb
+    if kwargs.get("bank") is True:
+        kwargs["bank"] = jb.stack([(_adapter(llama, LLAMA_LORA), LLAMA_LORA)] * 2, llama.params)
+    with pytest.raises(ValueError, match=match):
+        generate(llama, llama.params, PROMPTS, max_new_tokens=N, **kwargs)
