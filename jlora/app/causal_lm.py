@@ -5,9 +5,11 @@ Models (:func:`load_causal_lm`): ``smollm2`` (SmolLM2-135M-Instruct, the GGUF fi
 safetensors, no torch) of a Llama, Mistral, Gemma or GPT-2 model. The tokenizer comes from the same
 file or folder, with its chat template when it has one.
 
-Data (:func:`load_examples`): ``bbc-headlines`` (the shipped task: article -> headline), a JSONL file
-of ``{"prompt", "completion"}`` or ``{"messages": [...]}`` rows, or a ``.txt`` file (continued
-pre-training: the text in windows of ``seq_len`` tokens, the last ``eval_fraction`` held out).
+Data (:func:`load_examples`): a shipped task over the BBC News articles (``bbc-headlines``, the
+default: article -> headline; ``bbc-category``: article -> its section; ``bbc-lead``: headline -> the
+article's first sentence; see :mod:`jlora.app.sft_data`), a JSONL file of ``{"prompt", "completion"}``
+or ``{"messages": [...]}`` rows, or a ``.txt`` file (continued pre-training: the text in windows of
+``seq_len`` tokens, the last ``eval_fraction`` held out).
 
 Loss: next-token cross-entropy on completion tokens only, computed by the fused LM-head loss
 (:func:`jlora.lm_head_cross_entropy`) from the final hidden states and the (tied or untied) head
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.app.sft_data import SftExample, bbc_headlines, encode, pack, read_jsonl, read_text
+from jlora.app.sft_data import SHIPPED_TASKS, SftExample, encode, pack, read_jsonl, read_text, shipped_task
 from jlora.losses import lm_head_cross_entropy, next_token_targets
 from jlora.tree import combine
 
@@ -154,12 +156,14 @@ def _load(name: str, *, max_positions: int, dtype: str = "float32", remat: bool 
 
 
 def load_examples(data: str) -> list[SftExample]:
-    """``bbc-headlines``, a ``.jsonl`` file or a ``.txt`` file (see the module docstring)."""
-    if data == "bbc-headlines":
-        return bbc_headlines()
+    """A shipped task (``bbc-headlines``, ``bbc-category``, ``bbc-lead``), a ``.jsonl`` file or a
+    ``.txt`` file (see the module docstring)."""
+    if data in SHIPPED_TASKS:
+        return shipped_task(data)
     path = Path(data)
     if not path.is_file():
-        raise FileNotFoundError(f"--data: {data!r} is neither 'bbc-headlines' nor a file")
+        raise FileNotFoundError(f"--data: {data!r} is neither a shipped task "
+                                f"({', '.join(repr(name) for name in SHIPPED_TASKS)}) nor a file")
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix == ".txt":

