@@ -5,6 +5,7 @@
     jlora eval --model RUN/merged [--data bbc-news]        held-out accuracy of an exported model
     jlora export --run RUN --format hf|peft --dest DIR     from a run's newest checkpoint
     jlora merge --run RUN --dest DIR                       the same as export --format hf
+    jlora serve [--model smollm2] --adapter NAME=RUN_OR_PEFT_DIR ... [--port 8000]   many adapters, one batch
 """
 from __future__ import annotations
 
@@ -202,6 +203,45 @@ def _export_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -
     p.add_argument("--overwrite", action="store_true")
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from jlora.app.serve import ServeOptions
+    d = ServeOptions()
+    p = sub.add_parser("serve", help="serve a base LLM and many LoRA adapters over HTTP, batching requests for "
+                                     "different adapters into one generate call")
+    p.add_argument("--model", default=d.model, help="'smollm2' (shipped GGUF), a Llama .gguf file, or an HF folder")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter to load at start: a PEFT folder or a jlora finetune run folder (repeatable)")
+    p.add_argument("--slots", type=int, default=d.slots, help="adapter slots in the bank (adapters at once)")
+    p.add_argument("--rank", type=int, default=d.rank, help="the largest adapter rank the bank takes")
+    p.add_argument("--targets", default=",".join(d.targets),
+                   help="modules the bank covers besides those of the --adapter ones (comma-separated)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="0: any free port (printed)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per generate call")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="the most a request may ask for")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="how long the batcher waits for more requests after the first")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from jlora.app.serve import ServeOptions, run
+    adapters = []
+    for item in args.adapter:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter: expected NAME=DIR, got {item!r}")
+        adapters.append((name, folder))
+    for flag in ("slots", "rank", "max_batch", "max_prompt_tokens", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
+    if len(adapters) > args.slots:
+        raise ValueError(f"--adapter: {len(adapters)} adapters do not fit --slots {args.slots}")
+    targets = tuple(t for t in args.targets.split(",") if t)
+    return run(ServeOptions(args.model, tuple(adapters), args.slots, args.rank, targets, args.host, args.port,
+                            args.max_batch, args.max_prompt_tokens, args.max_new_tokens, args.batch_wait_ms))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning with JAX (see README.md)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     _export_parser(sub, "export", "write a run's adapters as a merged HF folder or a PEFT adapter")
     _export_parser(sub, "merge", "write a run's merged model as an HF folder (= export --format hf)")
+    _serve_parser(sub)
     return parser
 
 
@@ -221,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "merge":
         args.format = "hf"
-    run = {"finetune": _run_finetune, "eval": _run_eval, "export": _run_export, "merge": _run_export}[args.command]
+    run = {"finetune": _run_finetune, "eval": _run_eval, "export": _run_export, "merge": _run_export,
+           "serve": _run_serve}[args.command]
     try:
         return run(args)
     except KeyboardInterrupt:
