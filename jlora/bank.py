@@ -100,24 +100,18 @@ def _leaf(tree: Tree, module_key: KeyPath) -> Any:
     return tree
 
 
-def _plan(params: Tree, lora: Tree, config: LoraConfig, model: Any, inputs: tuple | None,
+def _plan(params: Tree, lora: Tree | None, config: LoraConfig, model: Any, inputs: tuple | None,
           caller: str) -> dict[KeyPath, Target]:
+    """``{module key path: Target}`` of ``lora`` (or of what ``config`` selects), Dense-like kernels only."""
     plan = make_plan(params, config, lora=lora, model=model, inputs=inputs, caller=caller)
     out = {}
     for target in plan.values():
         if target.kind != "dense":
-            raise ValueError(f"{caller}: the adapter at {target.path!r} is on an embedding table ({target.layer}); "
-                             "adapter banks cover Dense-like layers (Dense, DenseGeneral, Conv1D, fused projections) "
-                             "only. Drop that target from the adapter, or merge it into the base")
+            raise ValueError(f"{caller}: {target.path!r} is an embedding table ({target.layer}); adapter banks cover "
+                             "Dense-like layers (Dense, DenseGeneral, Conv1D, fused projections) only. Drop that "
+                             "target from the adapter, or merge it into the base")
         out[target.key_path[:-1]] = target
     return out
-
-
-def _plan_check(target: Target) -> Target:
-    if target.kind != "dense":
-        raise ValueError(f"jlora.bank.stack: cover selects {target.path!r}, an embedding table; adapter banks cover "
-                         "Dense-like layers only")
-    return target
 
 
 def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: int | None = None,
@@ -144,17 +138,17 @@ def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: in
                          "cover= (a LoraConfig saying which kernels, at which rank, the bank holds)")
     plans = [_plan(params, lora, config, model, inputs, f"jlora.bank.stack: adapters[{i}]")
              for i, (lora, config) in enumerate(_pairs(adapters, "jlora.bank.stack"))]
-    size = len(adapters) if size is None else int(size)
-    if size < max(len(adapters), 1):
-        raise ValueError(f"jlora.bank.stack: size={size} is smaller than the {len(adapters)} adapters given")
+    size = len(adapters) if size is None else size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < max(len(adapters), 1):
+        raise ValueError(f"jlora.bank.stack: size must be an int >= max(1, the {len(adapters)} adapters given), "
+                         f"got {size!r}")
     if cover is not None:
-        covered = make_plan(params, cover, model=model, inputs=inputs, caller="jlora.bank.stack: cover")
-        plans.append({t.key_path[:-1]: _plan_check(t) for t in covered.values()})
+        plans.append(_plan(params, None, cover, model, inputs, "jlora.bank.stack: cover"))
     top = max(t.rank for plan in plans for t in plan.values())
     rank = top if rank is None else int(rank)
     if rank < top:
         raise ValueError(f"jlora.bank.stack: rank={rank} is below the largest adapter rank {top}")
-    dtype = dtype or next(iter(jax.tree_util.tree_leaves(adapters[0][0]))).dtype
+    dtype = dtype or (jax.tree_util.tree_leaves(adapters[0][0])[0].dtype if adapters else jnp.float32)
     targets: dict[KeyPath, Target] = {}
     for plan in plans:
         for key, t in plan.items():

@@ -211,14 +211,28 @@ def test_bank_over_a_quantized_base():
         r=2, target_modules=("key",)), model=m.apply, inputs=(TOKENS[:1],)), jlora.LoraConfig(
         r=2, target_modules=("key",)), v), "no entry for"),
     (lambda m, v, a, bank: jb.stack([a[0][0]], v), r"adapters\[0\] must be a \(lora, LoraConfig\) pair"),
-    (lambda m, v, a, bank: jb.stack(a, v, size=2), "size=2 is smaller than the 3 adapters"),
+    (lambda m, v, a, bank: jb.stack(a, v, size=2), r"size must be an int >= max\(1, the 3 adapters given\), got 2"),
     (lambda m, v, a, bank: jb.stack(a, v, rank=2), "rank=2 is below the largest adapter rank 4"),
     (lambda m, v, a, bank: jb.stack([(jlora.init(jax.random.key(0), v, jlora.LoraConfig(
         r=2, target_modules=("embed",))), jlora.LoraConfig(r=2, target_modules=("embed",)))], v),
      "embedding table"),
+    (lambda m, v, a, bank: jb.stack([], v, size=4), "adapters is empty; .* cover="),
 ])
 def test_bad_input_names_the_parameter(call, match):
     model, variables, adapters = _setup(scan=True)
     bank = jb.stack(adapters, variables)
     with pytest.raises((ValueError, TypeError), match=match):
         call(model, variables, adapters, bank)
+
+
+def test_an_empty_bank_with_room_is_filled_later():
+    model, variables, adapters = _setup(scan=True)
+    cover = jlora.LoraConfig(r=4, target_modules=("query", "value", "out", "fc1"))
+    bank = jb.stack([], variables, size=2, cover=cover, model=model.apply, inputs=(TOKENS[:1],))
+    assert bank.occupied() == [] and bank.rank == 4 and bank.factors  # float32 zeros, all slots free
+    np.testing.assert_allclose(jb.apply(model.apply)(variables, bank, [0, 1, -1, 0, 1, 1], TOKENS),
+                               model.apply(variables, TOKENS), atol=1e-6)
+    bank = jb.put(jb.put(bank, 1, *adapters[2], variables), 0, *adapters[1], variables)
+    ids = np.array([1, 0, -1, 0, 1, 1])
+    np.testing.assert_allclose(jb.apply(model.apply)(variables, bank, ids, TOKENS),
+                               _merged_rows(model, variables, [adapters[1], adapters[2]], ids, TOKENS), atol=2e-5)
