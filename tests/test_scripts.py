@@ -80,3 +80,21 @@ def test_sft_step_benchmark_on_a_tiny_config(tmp_path):
     q, v = 64 * 8 + 8 * 64, 64 * 8 + 8 * 32  # r=8 on q_proj (64 -> 64) and v_proj (64 -> 32: 2 kv heads of 16)
     assert result["jlora_lora"]["trainable"] == result["peft_lora"]["trainable"] == 2 * (q + v)
     assert result["jlora_lora"]["peak_bytes"] > 0 and result["peft_lora"]["peak_bytes"] > 0
+
+
+def test_adapter_bank_benchmark_quick(tmp_path):
+    out = run(ROOT / "benchmarks" / "adapter_bank.py", "--quick", "--out", tmp_path)
+    result = json.loads((tmp_path / "adapter_bank.json").read_text())
+    assert "| tokens/s ratio a / b (> 1: a faster), per round |" in out and "| rows x tokens, N |" in out
+    tiny = result["models"]["tiny"]
+    for r in tiny["batches"].values():
+        assert set(r["variants"]) == {"jlora_merged", "jlora_unmerged", "jlora_mixed8", "jlora_mixed64",
+                                      "peft_merged", "peft_mixed8", "peft_mixed64"}
+        assert all(v["tokens_per_s"]["median"] > 0 for v in r["variants"].values())
+        checks = r["checks"]  # the same models: unmerged = merged, bank rows on adapter 0 = merged, PEFT = jlora
+        assert checks["unmerged=merged"] == checks["mixed64 rows on adapter 0=merged"] == 1.0
+        assert checks["peft_mixed64=jlora_mixed64"] == checks["peft_merged=jlora_merged"] == 1.0
+    assert tiny["bytes"]["bank"] == 64 * tiny["bytes"]["adapter"]  # r=8 everywhere: no padding
+    memory = tiny["sampler_memory"]
+    assert memory["bank"]["argument"] - memory["merged"]["argument"] >= tiny["bytes"]["bank"]
+    assert all(max(c["max_abs_diff_vs_gather"].values()) < 1e-3 for c in result["layer"]["cases"].values())
