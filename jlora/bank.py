@@ -89,6 +89,10 @@ class AdapterBank:
             used |= np.asarray(_leaf(self.ranks, t.module_key)) > 0
         return [int(i) for i in np.flatnonzero(used)]
 
+    def replace(self, **changes: Any) -> "AdapterBank":
+        """A copy with fields replaced, e.g. ``bank.replace(factors=trained)`` in a multi-tenant train step."""
+        return dataclasses.replace(self, **changes)
+
     def nbytes(self) -> int:
         """Bytes of the stacked factors (what the bank adds to the base's memory)."""
         return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(self.factors))

@@ -110,8 +110,7 @@ def test_multi_tenant_gradients_come_only_from_own_examples():
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[rows][..., None], -1)[..., 0].sum(-1)
 
     def bank_loss(factors):
-        logits = jb.apply(model.apply)(variables, jb.AdapterBank(factors, bank.scales, bank.ranks, bank.targets,
-                                                                 bank.rank, bank.in_variables), IDS, TOKENS)
+        logits = jb.apply(model.apply)(variables, bank.replace(factors=factors), IDS, TOKENS)
         return per_example_loss(logits).sum()
 
     grads = jax.grad(bank_loss)(bank.factors)

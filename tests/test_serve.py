@@ -173,8 +173,31 @@ def test_the_command_serves_until_ctrl_c(tiny_model, adapters):  # noqa: F811
     (["--adapter", "noequals"], "--adapter: expected NAME=DIR"),
     (["--slots", "0"], "--slots: expected a positive integer"),
     (["--adapter", "a=/nonexistent"], "no adapter_config.json"),
+    (["--max-prompt-tokens", "300"], r"\(300\) \+ --max-new-tokens \(3\) exceeds the model's 256 positions"),
 ])
 def test_the_command_refuses_bad_flags(tiny_model, flags, match):  # noqa: F811
-    result = subprocess.run([sys.executable, "-m", "jlora.app.cli", "serve", "--model", str(tiny_model), *flags],
+    result = subprocess.run([sys.executable, "-m", "jlora.app.cli", "serve", "--model", str(tiny_model),
+                             "--max-prompt-tokens", "16", "--max-new-tokens", "3", *flags],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and __import__("re").search(match, result.stderr), result.stderr
+
+
+def test_the_example_client_gets_every_adapters_answer(tiny_model, adapters, capsys):  # noqa: F811
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import serve_client
+    lm = load_causal_lm(str(tiny_model), max_positions=256 + 3)
+    names = {"headline": "q_v", "section": "v_o", "lead": "q"}
+    options = ServeOptions(adapters=tuple((name, str(adapters[a][0])) for name, a in names.items()), slots=3,
+                           port=0, max_batch=8, max_prompt_tokens=240, max_new_tokens=3, batch_wait_ms=300)
+    httpd, state = start(lm, options)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert serve_client.main(["--url", f"http://127.0.0.1:{httpd.server_address[1]}", "--articles", "2",
+                                  "--max-new-tokens", "3"]) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        state.close()
+    printed = capsys.readouterr().out
+    assert printed.count("reference:") == 8 and "base" in printed and "section" in printed
+    assert state.stats["rows"] == 8 and state.stats["batches"] < 8

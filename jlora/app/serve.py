@@ -91,6 +91,10 @@ class AdapterServer:
         from jlora import bank as jb
         self.lm, self.options, self.jb = lm, options, jb
         from jlora.hf import load_peft
+        limit = getattr(lm.model.config, "max_position_embeddings", None)
+        if limit is not None and options.max_prompt_tokens + options.max_new_tokens > limit:
+            raise RequestError(400, f"--max-prompt-tokens ({options.max_prompt_tokens}) + --max-new-tokens "
+                                    f"({options.max_new_tokens}) exceeds the model's {limit} positions")
         cover = jlora.LoraConfig(r=options.rank, lora_alpha=options.rank, target_modules=options.targets)
         names = [name for name, _ in options.adapters]
         if len(set(names)) != len(names):
