@@ -37,13 +37,17 @@ class Block:
 
 
 def python_blocks(text: str) -> list[Block]:
-    blocks, heading, code, start = [], "", None, 0
+    blocks, heading, code, start, other_fence = [], "", None, 0, False
     for number, line in enumerate(text.splitlines(), 1):
-        if code is None:
+        if other_fence:  # inside a non-python fence (bash, text): its "# comments" are not headings
+            other_fence = line.strip() != "```"
+        elif code is None:
             if re.match(r"#{1,6} ", line):
                 heading = line.lstrip("#").strip()
             elif line.strip() == "```python":
                 code, start = [], number + 1
+            elif line.strip().startswith("```"):
+                other_fence = True
         elif line.strip() == "```":
             source = "\n".join(code) + "\n"
             blocks.append(Block(heading, next(s.strip() for s in code if s.strip()), start, source))
@@ -65,6 +69,7 @@ LIBRARY = ("The library", "import jax, optax, jlora")
 HF = ("Hugging Face models", "import jax, transformers, jlora")
 PODS = ("Pods: meshes, multi-host, checkpoints", "import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora")
 QLORA = ("QLoRA: LoRA over a quantized frozen base", "import jax, jax.numpy as jnp, optax, jlora")
+BANK = ("Many adapters in one batch: `jlora.bank` and `jlora serve`", "import jax, numpy as np, jlora")
 
 BLOCKS: dict[tuple[str, str], Run] = {
     LIBRARY: Run(
@@ -115,6 +120,20 @@ BLOCKS: dict[tuple[str, str], Run] = {
             assert np.isfinite(float(loss)) and not jlora.is_quantized(merged["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"])
             logits = f(frozen, trainable, ids).logits                                   # merge == apply
             np.testing.assert_allclose(model(ids, params=merged).logits, logits, atol=2e-4)
+        """),
+    BANK: Run(
+        epilogue="""
+            # each row's tokens = that row generated alone with its merged adapter (the comment's claim)
+            from jlora.generate import BANKED, _compiled
+            for b, i in enumerate([3, 3, 0, 1]):
+                merged = jlora.merge(params, *(mixed if i == 3 else adapters[i]))
+                alone = jlora.generate(model, merged, prompts[b:b + 1], max_new_tokens=8)
+                np.testing.assert_array_equal(alone[0], tokens[b])
+            assert _compiled(model, BANKED)._cache_size() == 1                     # the hot swap: no recompile
+            assert len({tuple(np.asarray(t)) for t in tokens[1:]}) == 3            # the adapters differ
+            layer = grads["model"]["layers"]["0"]["self_attn"]
+            assert float(abs(layer["k_proj"]["lora_a"][1]).sum()) > 0                # slot 1 (row 3) trained
+            assert float(abs(layer["k_proj"]["lora_a"][0]).sum()) == 0               # slot 0 has no k_proj
         """),
     PODS: Run(
         epilogue="""
