@@ -26,7 +26,7 @@ import numpy as np
 from jlora.config import LoraConfig
 from jlora.qlayers import quantized_layers
 from jlora.intercept import apply as lora_apply
-from jlora.bank import AdapterBank, apply as bank_apply, select as select_adapters
+from jlora.bank import AdapterBank, apply as bank_apply, rows as bank_rows, select as select_adapters
 
 Tree = Any
 _STATIC = ("max_new_tokens", "greedy", "eos", "pad", "return_logits")
@@ -113,6 +113,9 @@ def _sample(model_ref: weakref.ref, config: LoraConfig | None, params: Tree, lor
     was chosen from (batch, max_new_tokens, vocab; zeros for steps skipped after every row finished).
     """
     model = model_ref()
+    if config is BANKED:  # each row's factors gathered once, not at every decode step
+        bank, adapter_ids = lora
+        lora = (bank_rows(bank, adapter_ids), None)
     forward = functools.partial(_forward, model, config, params, lora)
     batch, prompt_len = prompt_ids.shape
     mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), prompt_mask.dtype)], axis=1)
