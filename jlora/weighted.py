@@ -170,6 +170,9 @@ def _check_arguments(adapters: Sequence, weights: Sequence, combination_type: st
         raise ValueError(f"jlora.weighted_adapter: weights must hold one number per adapter ({len(adapters)}), got "
                          f"{weights!r}")
     for i, w in enumerate(weights):
+        if hasattr(w, "dtype") and getattr(w, "shape", None) == () and jnp.issubdtype(w.dtype, jnp.number) \
+                and not jnp.issubdtype(w.dtype, jnp.bool_):
+            w = float(w)  # a numpy / jax scalar
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"jlora.weighted_adapter: weights[{i}] must be a finite real number, got {w!r}")
     svd = combination_type in _SVD_TYPES

@@ -216,6 +216,16 @@ def test_bank_over_a_quantized_base():
         r=2, target_modules=("embed",))), jlora.LoraConfig(r=2, target_modules=("embed",)))], v),
      "embedding table"),
     (lambda m, v, a, bank: jb.stack([], v, size=4), "adapters is empty; .* cover="),
+    (lambda m, v, a, bank: jb.apply(m.apply)(v, bank, ["0", "1", "2", "-1", "1", "0"], TOKENS),
+     "adapter_ids: expected a 1-D integer array"),
+    (lambda m, v, a, bank: jb.apply(m.apply)(v, bank, np.array([0, 1, 2, 2 ** 33, 0, 0]), TOKENS),
+     r"ids must lie in \[-1, 3\).*8589934592"),                           # checked before any int32 wrap
+    (lambda m, v, a, bank: jb.apply(m.apply)(v, bank, None, TOKENS), "adapter_ids is required"),
+    (lambda m, v, a, bank: jb.apply(m.apply)(v, jb.rows(bank, IDS), IDS, TOKENS), "pass adapter_ids=None"),
+    (lambda m, v, a, bank: jb.stack(a, v, dtype=jnp.int8), "dtype must be a floating dtype"),
+    (lambda m, v, a, bank: jb.apply(TinyLM(scan=True, d=16).apply)(
+        init_model(TinyLM(scan=True, d=16), ((1, 5), jnp.int32)), bank, IDS, TOKENS),
+     "contracts inputs of shape \\(16,\\) but the bank's factors .* another model"),
 ])
 def test_bad_input_names_the_parameter(call, match):
     model, variables, adapters = _setup(scan=True)
@@ -235,3 +245,17 @@ def test_an_empty_bank_with_room_is_filled_later():
     ids = np.array([1, 0, -1, 0, 1, 1])
     np.testing.assert_allclose(jb.apply(model.apply)(variables, bank, ids, TOKENS),
                                _merged_rows(model, variables, [adapters[1], adapters[2]], ids, TOKENS), atol=2e-5)
+
+
+def test_rows_bank_equals_the_gather_and_bad_ids_under_jit_give_nan_rows():
+    model, variables, adapters = _setup(scan=True)
+    bank = jb.stack(adapters, variables)
+    forward = jb.apply(model.apply)
+    np.testing.assert_allclose(forward(variables, jb.rows(bank, IDS), None, TOKENS),
+                               forward(variables, bank, IDS, TOKENS), atol=1e-6)
+    out = jax.jit(forward)(variables, bank, jnp.array([0, 7, -1, -3, 1, 2]), TOKENS)   # unchecked under jit
+    assert np.isnan(out[1]).all() and np.isnan(out[3]).all()                          # never a wrong adapter
+    good = [0, 2, 4, 5]
+    np.testing.assert_allclose(np.asarray(out)[good], forward(variables, bank, IDS[[0, 3, 4, 2]], TOKENS[good]),
+                               atol=1e-6)
+    assert jb.put(bank, jnp.int32(1), *adapters[0], variables).occupied() == [0, 1, 2]  # a jax int as the slot

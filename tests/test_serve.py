@@ -18,7 +18,8 @@ import pytest
 import jlora
 from jlora.app.causal_lm import load_causal_lm
 from jlora.app.sft_data import _prompt_ids
-from jlora.app.serve import ServeOptions, start
+from jlora.app.serve import ServeOptions
+from jlora.app.serve_http import start
 from llm_cases import tiny_model, tokenizer  # noqa: F401  (fixtures)
 from models import randomize_lora
 
@@ -122,6 +123,7 @@ def test_adapter_added_at_run_time_without_recompiling(server, lm, adapters):
     ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 0}, 400, "'max_new_tokens' must be an int in"),
     ("POST", "/generate", {"prompt": "Hi", "max_new_tokens": 99}, 400, r"\[1, 5\]"),
     ("POST", "/generate", {"prompt": "Hi", "temperature": 1}, 400, "unknown fields"),
+    ("POST", "/generate", {"prompt": "Hi", "adapter": ["q_v"]}, 400, "'adapter' must be an adapter's name"),
     ("POST", "/adapters", {"name": "q_v", "path": "x"}, 404, "no adapter_config.json"),
     ("POST", "/adapters", {"name": "x"}, 400, "takes"),
     ("GET", "/generate", None, 405, "not allowed"),
@@ -174,8 +176,14 @@ def test_the_command_serves_until_ctrl_c(tiny_model, adapters):  # noqa: F811
     (["--slots", "0"], "--slots: expected a positive integer"),
     (["--adapter", "a=/nonexistent"], "no adapter_config.json"),
     (["--max-prompt-tokens", "300"], r"\(300\) \+ --max-new-tokens \(3\) exceeds the model's 256 positions"),
+    (["--port", "TAKEN"], "cannot listen there"),
 ])
 def test_the_command_refuses_bad_flags(tiny_model, flags, match):  # noqa: F811
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    flags = [str(taken.getsockname()[1]) if f == "TAKEN" else f for f in flags]
     result = subprocess.run([sys.executable, "-m", "jlora.app.cli", "serve", "--model", str(tiny_model),
                              "--max-prompt-tokens", "16", "--max-new-tokens", "3", *flags],
                             capture_output=True, text=True, timeout=300)
@@ -201,3 +209,70 @@ def test_the_example_client_gets_every_adapters_answer(tiny_model, adapters, cap
     printed = capsys.readouterr().out
     assert printed.count("reference:") == 8 and "base" in printed and "section" in printed
     assert state.stats["rows"] == 8 and state.stats["batches"] < 8
+
+
+def _raw(url, request_bytes):
+    """Send raw bytes over a socket; the reply's status code and its JSON error."""
+    import socket
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(request_bytes)
+        reader = sock.makefile("rb")
+        status = int(reader.readline().split()[1])
+        headers = {}
+        while (line := reader.readline().strip()):
+            key, _, value = line.decode().partition(":")
+            headers[key.lower()] = value.strip()
+        return status, json.loads(reader.read(int(headers["content-length"])))["error"]
+
+
+@pytest.mark.parametrize("request_bytes,status,match", [
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, "non-negative"),
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411,
+     "Content-Length"),
+    (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n\xff\xfe{}\x00\x00\x00\x00\x00", 400,
+     "not valid JSON"),
+])
+def test_malformed_http_gets_a_4xx(server, request_bytes, status, match):
+    url, _ = server
+    got, error = _raw(url, request_bytes)
+    assert got == status and match in error, error
+    assert _call(f"{url}/health") == (200, {"status": "ok"})
+
+
+def test_a_queued_request_sees_its_adapter_deleted_or_replaced(server, lm, adapters):
+    url, state = server
+    with ThreadPoolExecutor(2) as pool:
+        entered, release = threading.Event(), threading.Event()
+        original = state.generate_batch
+
+        def held(*args):  # the worker holds its batch until the adapter is replaced
+            entered.set()
+            release.wait(60)
+            return original(*args)
+
+        state.generate_batch = held
+        try:
+            busy = pool.submit(_call, f"{url}/generate", "POST", {"prompt": "Hello", "max_new_tokens": 1})
+            assert entered.wait(60)
+            queued = pool.submit(_call, f"{url}/generate", "POST", {"prompt": PROMPTS[2], "adapter": "v_o"})
+            while state.jobs.qsize() == 0:                                   # the request is queued
+                threading.Event().wait(0.02)
+            assert _call(f"{url}/adapters/v_o", "DELETE")[0] == 200          # while the request waits
+            assert _call(f"{url}/adapters", "POST", {"name": "v_o", "path": str(adapters["q"][0])})[0] == 201
+        finally:
+            state.generate_batch = original
+            release.set()
+        assert busy.result()[0] == 200
+        status, body = queued.result()
+    assert status == 200 and body["tokens"] == _alone(lm, adapters, PROMPTS[2], "q")   # the adapter now named v_o
+    assert _call(f"{url}/adapters/v_o", "DELETE")[0] == 200
+    assert _call(f"{url}/adapters", "POST", {"name": "v_o", "path": str(adapters["v_o"][0])})[0] == 201
+
+
+def test_a_burst_of_clients_is_served(server):
+    url, _ = server
+    with ThreadPoolExecutor(64) as pool:
+        replies = list(pool.map(lambda i: _call(f"{url}/generate", "POST", {
+            "prompt": PROMPTS[i % 6], "adapter": [None, "q_v", "v_o"][i % 3], "max_new_tokens": 1}), range(64)))
+    assert [status for status, _ in replies] == [200] * 64

@@ -225,7 +225,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from jlora.app.serve import ServeOptions, run
+    from jlora.app.serve import ServeOptions
+    from jlora.app.serve_http import run
     adapters = []
     for item in args.adapter:
         name, sep, folder = item.partition("=")

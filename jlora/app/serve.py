@@ -27,13 +27,10 @@ an adapter name taken or no free slot (409).
 from __future__ import annotations
 
 import dataclasses
-import json
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +75,7 @@ def adapter_folder(path: str | Path) -> Path:
 @dataclasses.dataclass
 class _Job:
     ids: list[int]
-    slot: int
+    adapter: str | None  # resolved to its slot when its batch runs: a deleted or replaced adapter is seen
     max_new_tokens: int
     future: Future
 
@@ -167,15 +164,16 @@ class AdapterServer:
                 not 1 <= max_new_tokens <= self.options.max_new_tokens:
             raise RequestError(400, f"'max_new_tokens' must be an int in [1, {self.options.max_new_tokens}], got "
                                     f"{max_new_tokens!r}")
+        if adapter is not None and not isinstance(adapter, str):
+            raise RequestError(400, f"'adapter' must be an adapter's name (a string) or null, got {adapter!r:.80}")
         with self.lock:
             if adapter is not None and adapter not in self.names:
                 raise RequestError(404, f"unknown adapter {adapter!r}; loaded: {sorted(self.names)} (null: the base)")
-            slot = -1 if adapter is None else self.names[adapter]
         ids = _prompt_ids(self.lm.tokenizer, prompt)
         if len(ids) > self.options.max_prompt_tokens:
             raise RequestError(413, f"the prompt is {len(ids)} tokens; this server takes at most "
                                     f"{self.options.max_prompt_tokens} (--max-prompt-tokens)")
-        job = _Job(ids, slot, max_new_tokens, Future())
+        job = _Job(ids, adapter, max_new_tokens, Future())
         with self.lock:
             self.stats["requests"] += 1
         self.jobs.put(job)
@@ -205,8 +203,17 @@ class AdapterServer:
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
+            with self.lock:  # the bank and each job's slot, as one consistent snapshot
+                bank, slots = self.bank, [self.names.get(job.adapter, -2) if job.adapter else -1 for job in batch]
+            for job, slot in zip(batch, slots):
+                if slot == -2:
+                    job.future.set_exception(RequestError(404, f"adapter {job.adapter!r} was deleted while the "
+                                                               "request waited"))
+            batch, slots = [j for j, s in zip(batch, slots) if s != -2], [s for s in slots if s != -2]
+            if not batch:
+                continue
             try:
-                results = self.generate_batch(batch)
+                results = self.generate_batch(batch, bank, slots)
             except Exception as err:  # noqa: BLE001  (reported to each waiting client; the server keeps serving)
                 for job in batch:
                     job.future.set_exception(err)
@@ -214,7 +221,7 @@ class AdapterServer:
             for job, result in zip(batch, results):
                 job.future.set_result(result)
 
-    def generate_batch(self, batch: list[_Job]) -> list[tuple[list[int], str]]:
+    def generate_batch(self, batch: list[_Job], bank: Any, slots: list[int]) -> list[tuple[list[int], str]]:
         """One generate call for ``batch``: rows and prompt length padded to powers of two (a few shapes)."""
         from jlora.generate import generate
         pad = self.lm.tokenizer.pad_token_id or 0
@@ -224,12 +231,10 @@ class AdapterServer:
         mask = np.zeros((rows, length), np.int32)
         ids[:, -1], mask[:, -1] = pad, 1          # idle rows: one token, the base model
         adapter_ids = np.full(rows, -1, np.int32)
-        for row, job in enumerate(batch):
+        for row, (job, slot) in enumerate(zip(batch, slots)):
             ids[row, length - len(job.ids):] = job.ids
             mask[row, length - len(job.ids):] = 1
-            adapter_ids[row] = job.slot
-        with self.lock:
-            bank = self.bank
+            adapter_ids[row] = slot
         tokens = np.asarray(generate(self.lm.model, self.lm.params, ids, prompt_mask=mask,
                                      max_new_tokens=self.options.max_new_tokens, bank=bank, adapter_ids=adapter_ids,
                                      eos_token_id=self.eos or None, pad_token_id=pad))
@@ -259,115 +264,3 @@ def _bucket(n: int, limit: int, smallest: int) -> int:
     while size < n:
         size *= 2
     return max(n, min(size, limit))
-
-
-def make_handler(server: AdapterServer) -> type[BaseHTTPRequestHandler]:
-    """The request handler class over ``server`` (JSON in and out, 4xx with ``{"error": ...}``)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per error only
-            pass
-
-        def _reply(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _body(self) -> dict[str, Any]:
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                raise RequestError(400, "Content-Length must be an integer") from None
-            if length > MAX_BODY:
-                raise RequestError(413, f"the request body is {length} bytes; at most {MAX_BODY}")
-            raw = self.rfile.read(length)
-            try:
-                body = json.loads(raw or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RequestError(400, f"the body is not valid JSON: {err}") from None
-            if not isinstance(body, dict):
-                raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
-            return body
-
-        def _handle(self, method: str) -> None:
-            try:
-                status, body = self._route(method)
-            except RequestError as err:
-                status, body = err.status, {"error": str(err)}
-            except Exception as err:  # noqa: BLE001  (a server error, reported; the server keeps serving)
-                status, body = 500, {"error": f"{type(err).__name__}: {err}"}
-            self._reply(status, body)
-
-        def _route(self, method: str) -> tuple[int, dict[str, Any]]:
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
-            if (method, path) == ("GET", "/health"):
-                return 200, {"status": "ok"}
-            if (method, path) == ("GET", "/stats"):
-                return 200, {**server.stats, "compilations": server.compilations()}
-            if (method, path) == ("GET", "/adapters"):
-                return 200, server.describe()
-            if (method, path) == ("POST", "/adapters"):
-                body = self._body()
-                unknown = sorted(set(body) - {"name", "path"})
-                if unknown or "name" not in body or not isinstance(body.get("path"), str):
-                    raise RequestError(400, f"POST /adapters takes {{\"name\": str, \"path\": str}}, got keys "
-                                            f"{sorted(body)}")
-                slot = server.add(body["name"], body["path"])
-                return 201, {"name": body["name"], "slot": slot}
-            if method == "DELETE" and path.startswith("/adapters/"):
-                server.remove(path[len("/adapters/"):])
-                return 200, {"deleted": path[len("/adapters/"):]}
-            if (method, path) == ("POST", "/generate"):
-                body = self._body()
-                unknown = sorted(set(body) - {"prompt", "adapter", "max_new_tokens"})
-                if unknown:
-                    raise RequestError(400, f"unknown fields {unknown}; /generate takes prompt, adapter, max_new_tokens")
-                future = server.submit(body.get("prompt"), body.get("adapter"), body.get("max_new_tokens"))
-                tokens, text = future.result(timeout=600)
-                return 200, {"completion": text, "tokens": tokens, "adapter": body.get("adapter")}
-            known = {"/health", "/stats", "/adapters", "/generate"}
-            if path in known or path.startswith("/adapters/"):
-                raise RequestError(405, f"{method} is not allowed on {path}")
-            raise RequestError(404, f"no such endpoint {path}; try POST /generate, GET /adapters, POST /adapters")
-
-        def do_GET(self) -> None:  # noqa: N802
-            self._handle("GET")
-
-        def do_POST(self) -> None:  # noqa: N802
-            self._handle("POST")
-
-        def do_DELETE(self) -> None:  # noqa: N802
-            self._handle("DELETE")
-
-    return Handler
-
-
-def start(lm: Any, options: ServeOptions) -> tuple[ThreadingHTTPServer, AdapterServer]:
-    """The HTTP server (not yet serving: call ``serve_forever``) and its :class:`AdapterServer`."""
-    state = AdapterServer(lm, options)
-    httpd = ThreadingHTTPServer((options.host, options.port), make_handler(state))
-    httpd.daemon_threads = True
-    return httpd, state
-
-
-def run(options: ServeOptions) -> int:
-    """``jlora serve``: load the model and adapters, then serve until Ctrl-C."""
-    from jlora.app.causal_lm import load_causal_lm
-    lm = load_causal_lm(options.model, max_positions=options.max_prompt_tokens + options.max_new_tokens)
-    httpd, state = start(lm, options)
-    host, port = httpd.server_address[:2]
-    print(f"jlora serve: {lm.source} with {len(state.names)} adapters {sorted(state.names)} "
-          f"({options.slots} slots, rank <= {options.rank}) on http://{host}:{port}", flush=True)
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
-        state.close()
-    return 0

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.bank.slots import BANK_KEYS, AdapterBank, _leaf, select
+from jlora.bank.slots import BANK_KEYS, BASE, AdapterBank, _leaf, select
 from jlora.layerkinds import as_function, contracted_axes, is_adaptable
 from jlora.layers import add_delta, dropout
 from jlora.qlayers import inside_dequantized_call, quantized_layers
@@ -50,16 +50,20 @@ def bank_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Ar
 
 
 def _gather(leaves: tuple[jax.Array, jax.Array, jax.Array], ids: jax.Array) -> tuple[jax.Array, ...]:
-    """``(A[ids], B[ids], scale[ids])`` along the slot axis (axis 0); scale 0 where ``ids < 0`` (the base)."""
-    slot = jnp.clip(ids, 0, None)
+    """``(A[ids], B[ids], scale[ids])`` along the slot axis (axis 0); scale 0 where ``ids == -1`` (the base)
+    and NaN where ``ids`` lies outside ``[-1, N)`` (unchecked under jit: the row's outputs become NaN)."""
+    size = leaves[2].shape[0]
+    slot = jnp.clip(ids, 0, size - 1)
     lora_a, lora_b, scale = (jnp.take(leaf, slot, axis=0) for leaf in leaves)
-    return lora_a, lora_b, jnp.where(ids >= 0, scale, jnp.zeros_like(scale))
+    scale = jnp.where(ids >= 0, scale, jnp.zeros_like(scale))
+    return lora_a, lora_b, jnp.where((ids >= BASE) & (ids < size), scale, jnp.full_like(scale, jnp.nan))
 
 
 def rows(bank: AdapterBank, adapter_ids: Any) -> AdapterBank:
     """A bank whose slot ``b`` is adapter ``adapter_ids[b]`` (zeros, scale 0 for ``-1``): the gather done once.
 
-    ``apply(fn)(params, rows(bank, ids), None, x)`` equals ``apply(fn)(params, bank, ids, x)``; a sampler
+    ``apply(fn)(params, rows(bank, ids), None, x)`` equals ``apply(fn)(params, bank, ids, x)`` (a bank of
+    rows takes ``adapter_ids=None``; one of adapters requires ids); a sampler
     that runs the model once per generated token gathers each row's factors once instead of every step.
     """
     ids = select(bank, adapter_ids)
@@ -74,7 +78,7 @@ def rows(bank: AdapterBank, adapter_ids: Any) -> AdapterBank:
         scales[rec.module_key] = scale
     ranks = {rec.module_key: jnp.where(ids >= 0, jnp.take(_leaf(bank.ranks, rec.module_key), jnp.clip(ids, 0, None)), 0)
              for rec in bank.targets}
-    return bank.replace(factors=unflatten(factors), scales=unflatten(scales), ranks=unflatten(ranks))
+    return bank.replace(factors=unflatten(factors), scales=unflatten(scales), ranks=unflatten(ranks), per_row=True)
 
 
 class _BankInterceptor:
@@ -99,10 +103,16 @@ class _BankInterceptor:
         if self.rate > 0.0 and module.has_rng(self.dropout_rng):
             x = dropout(x, self.rate, module.make_rng(self.dropout_rng))
         lora_a, lora_b, scale = (module.get_variable(COLLECTION, k) for k in BANK_KEYS)
+        axes = contracted_axes(module)
+        fan_in = tuple(x.shape[a] for a in axes)
+        if fan_in != tuple(lora_a.shape[-1 - len(axes):-1]):
+            raise ValueError(f"jlora.bank.apply: the layer at {path!r} contracts inputs of shape {fan_in} but the bank's "
+                             f"factors there are {tuple(lora_a.shape)} (slots first); was the bank stacked for another "
+                             "model?")
         if not self.per_row:
             lora_a, lora_b, scale = _gather((lora_a, lora_b, scale), self.ids)
         self.used.add(path)
-        return add_delta(base, bank_delta(x, lora_a, lora_b, scale, axes=contracted_axes(module),
+        return add_delta(base, bank_delta(x, lora_a, lora_b, scale, axes=axes,
                                           slices=self.slices.get(path)))
 
 
@@ -131,7 +141,11 @@ class BankApply:
         if not isinstance(bank, AdapterBank):
             raise TypeError(f"jlora.bank.apply: bank must be a jlora.bank.AdapterBank (jlora.bank.stack), got "
                             f"{type(bank).__name__}")
-        per_row = adapter_ids is None
+        per_row = bank.per_row
+        if per_row != (adapter_ids is None):
+            raise ValueError("jlora.bank.apply: adapter_ids is required (one slot id per example, -1 for the base)"
+                             if not per_row else "jlora.bank.apply: this bank is one slot per example "
+                             "(jlora.bank.rows): pass adapter_ids=None")
         ids = jnp.arange(bank.size, dtype=jnp.int32) if per_row else select(bank, adapter_ids)
         interceptor = _BankInterceptor(bank, ids, self.rate, self.dropout_rng, per_row)
         with nn.intercept_methods(interceptor), quantized_layers():
@@ -149,6 +163,6 @@ def apply(fn: Callable, *, lora_dropout: float = 0.0, dropout_rng: str = "dropou
     Example ``b`` of the batch (axis 0 of every adapted layer's input) runs through
     ``jlora.merge(params, *take(bank, adapter_ids[b]))`` (``-1``: the base), in one pass, never
     merged. LoRA dropout (``lora_dropout``) is active when ``fn`` gets an rng for ``dropout_rng``.
-    ``adapter_ids=None``: the bank is already one slot per example (:func:`rows`), no gather.
+    ``adapter_ids=None`` for a bank that is already one slot per example (:func:`rows`): no gather.
     """
     return BankApply(fn, lora_dropout=lora_dropout, dropout_rng=dropout_rng)

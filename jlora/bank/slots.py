@@ -5,6 +5,7 @@ Shapes and the math: see :mod:`jlora.bank`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ class AdapterBank:
       scales: the same tree with ``(N,)`` float32 scales per kernel (0 where a slot has no adapter).
       ranks: the same tree with ``(N,)`` int32 ranks per kernel (0 where a slot has no adapter).
       targets: static ``(BankTarget, ...)``; ``rank``: the padded rank R; ``in_variables``: whether
-        params is a linen variables dict.
+        params is a linen variables dict; ``per_row``: slot ``b`` is example ``b``'s (:func:`jlora.bank.rows`).
     """
 
     factors: Tree
@@ -51,6 +52,7 @@ class AdapterBank:
     targets: tuple[BankTarget, ...] = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
     in_variables: bool = dataclasses.field(metadata=dict(static=True))
+    per_row: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def size(self) -> int:
@@ -128,7 +130,9 @@ def stack(adapters: Sequence[tuple[Tree, LoraConfig]], params: Tree, *, size: in
     rank = top if rank is None else int(rank)
     if rank < top:
         raise ValueError(f"jlora.bank.stack: rank={rank} is below the largest adapter rank {top}")
-    dtype = dtype or (jax.tree_util.tree_leaves(adapters[0][0])[0].dtype if adapters else jnp.float32)
+    dtype = jnp.dtype(dtype or (jax.tree_util.tree_leaves(adapters[0][0])[0].dtype if adapters else jnp.float32))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"jlora.bank.stack: dtype must be a floating dtype (float32, bfloat16, ...), got {dtype}")
     targets: dict[KeyPath, Target] = {}
     for plan in plans:
         for key, t in plan.items():
@@ -202,9 +206,13 @@ def _fill(bank: AdapterBank, slots: dict[int, tuple[tuple[Tree, LoraConfig], dic
 
 
 def _check_slot(bank: AdapterBank, slot: Any, caller: str) -> int:
-    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < bank.size:
+    try:
+        index = operator.index(slot) if not isinstance(slot, bool) else None
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < bank.size:
         raise ValueError(f"{caller}: slot must be an int in [0, {bank.size}), got {slot!r}")
-    return int(slot)
+    return int(index)
 
 
 def put(bank: AdapterBank, slot: int, lora: Tree, config: LoraConfig, params: Tree, *,
@@ -260,16 +268,26 @@ def _exact(path: str) -> str:
 
 
 def select(bank: AdapterBank, adapter_ids: Any) -> jax.Array:
-    """``adapter_ids`` as an int32 (batch,) array, checked when concrete: each in ``[-1, N)`` (-1: the base)."""
-    ids = jnp.asarray(adapter_ids)
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    """``adapter_ids`` as an int32 (batch,) array, checked when concrete: each in ``[-1, N)`` (-1: the base).
+
+    Traced ids (inside ``jax.jit``) cannot be checked: there an id outside ``[-1, N)`` gives its row NaN
+    outputs (never another adapter's, nor the base's silently).
+    """
+    if isinstance(adapter_ids, jax.core.Tracer):
+        if adapter_ids.ndim != 1 or not jnp.issubdtype(adapter_ids.dtype, jnp.integer):
+            raise ValueError(f"adapter_ids: expected a 1-D integer array (one id per example), got shape "
+                             f"{adapter_ids.shape} dtype {adapter_ids.dtype}")
+        return adapter_ids.astype(jnp.int32)
+    try:
+        ids = np.asarray(adapter_ids)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adapter_ids: expected a 1-D integer array (one id per example), got {adapter_ids!r:.80} "
+                         f"({err})") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"adapter_ids: expected a 1-D integer array (one id per example), got shape {ids.shape} "
                          f"dtype {ids.dtype}")
-    try:
-        low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
-    except jax.errors.ConcretizationTypeError:  # traced: checked where the ids are concrete
-        return ids.astype(jnp.int32)
+    low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)  # before any cast to int32 can wrap
     if low < BASE or high >= bank.size:
         raise ValueError(f"adapter_ids: ids must lie in [-1, {bank.size}) (-1 = the base model, else a slot of the "
                          f"{bank.size}-slot bank), got values in [{low}, {high}]")
-    return ids.astype(jnp.int32)
+    return jnp.asarray(ids, jnp.int32)
