@@ -152,7 +152,7 @@ def test_taken_name_and_full_bank_are_409(server, adapters):
         assert _call(f"{url}/adapters/{name}", "DELETE")[0] == 200
 
 
-def test_the_command_serves_until_ctrl_c(tiny_model, adapters):  # noqa: F811
+def test_the_command_serves_until_stopped(tiny_model, adapters):  # noqa: F811
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "jlora.app.cli", "serve", "--model", str(tiny_model), "--adapter",
                              f"qv={adapters['q_v'][0]}", "--port", "0", "--max-batch", "4", "--max-prompt-tokens", "16",
@@ -166,9 +166,9 @@ def test_the_command_serves_until_ctrl_c(tiny_model, adapters):  # noqa: F811
         assert status == 200 and len(body["tokens"]) <= 3
         assert _call(f"{url}/health") == (200, {"status": "ok"})
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)   # as docker stop / systemd end it (Ctrl-C: SIGINT, the same path)
         out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0 and "jlora serve: stopped" in out, out
 
 
 @pytest.mark.parametrize("flags,match", [

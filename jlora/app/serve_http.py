@@ -5,6 +5,7 @@ The endpoints and their errors are listed in :mod:`jlora.app.serve`.
 from __future__ import annotations
 
 import json
+import signal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -148,11 +149,17 @@ def run(options: ServeOptions) -> int:
     host, port = httpd.server_address[:2]
     print(f"jlora serve: {lm.source} with {len(state.names)} adapters {sorted(state.names)} "
           f"({options.slots} slots, rank <= {state.bank.rank}) on http://{host}:{port}", flush=True)
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (docker stop, systemd) ends the server like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         httpd.server_close()
         state.close()
+    print("jlora serve: stopped", flush=True)
     return 0
