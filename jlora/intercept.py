@@ -27,7 +27,7 @@ import jax
 from jlora.config import LoraConfig, check_config
 from jlora.core import init
 from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
-from jlora.layerkinds import (KernelLayout, as_function, contracted_axes, discover, is_adaptable,
+from jlora.layerkinds import (KernelLayout, as_function, checked_axes, discover, is_adaptable,
                                is_registered_model, observe_layers, tables_read_transposed)
 from jlora.plan import AdapterPlan, Target, make_plan
 from jlora.qlayers import inside_dequantized_call, quantized_layers
@@ -113,12 +113,9 @@ class _Interceptor:
             if method == "attend":
                 return add_delta(base, attend_delta(x, lora_a, lora_b, target.scale))
             return add_delta(base, embed_delta(x, lora_a, lora_b, target.scale))
-        axes = contracted_axes(module)
-        fan_in = tuple(x.shape[a] for a in axes)
-        if fan_in != tuple(lora_a.shape[-1 - len(axes):-1]):
-            raise ValueError(f"jlora.apply: the layer at {path!r} ({type(module).__name__}) contracts inputs of "
-                             f"shape {fan_in} but its lora_a is {tuple(lora_a.shape)}; the adapter was made with the "
-                             "wrong axis roles (make it with jlora.init(..., model=...) so they are read off the layer)")
+        axes = checked_axes(module, x, lora_a, f"jlora.apply: the layer at {path!r} ({type(module).__name__}) "
+                            "contracts inputs of shape {fan_in} but its lora_a is {shape}; the adapter was made with "
+                            "the wrong axis roles (make it with jlora.init(..., model=...) so they are read off the layer)")
         x = self._dropout(module, x)
         precision = getattr(module, "precision", None)
         if target.slices is not None:

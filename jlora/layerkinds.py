@@ -103,6 +103,16 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Embed)) or is_transposed_layer(module)
 
 
+def checked_axes(module: nn.Module, x: Any, lora_a: Any, problem: str) -> tuple[int, ...]:
+    """The layer's contracted axes, after checking that ``x``'s fan_in is ``lora_a``'s (``(..., *fan_in, r)``);
+    else a ValueError: ``problem`` formatted with ``fan_in`` (the inputs') and ``shape`` (``lora_a``'s)."""
+    axes = contracted_axes(module)
+    fan_in = tuple(x.shape[a] for a in axes)
+    if fan_in != tuple(lora_a.shape[-1 - len(axes):-1]):
+        raise ValueError(problem.format(fan_in=fan_in, shape=tuple(lora_a.shape)))
+    return axes
+
+
 def contracted_axes(module: nn.Module) -> tuple[int, ...]:
     """The input axes a Dense-like layer contracts (``DenseGeneral.axis``; ``(-1,)`` otherwise)."""
     if isinstance(module, nn.DenseGeneral):

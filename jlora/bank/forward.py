@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.bank.slots import BANK_KEYS, BASE, AdapterBank, _leaf, select
-from jlora.layerkinds import as_function, contracted_axes, is_adaptable
+from jlora.layerkinds import as_function, checked_axes, is_adaptable
 from jlora.layers import add_delta, dropout
 from jlora.qlayers import inside_dequantized_call, quantized_layers
 from jlora.tree import COLLECTION, Tree, combine, unflatten
@@ -103,12 +103,9 @@ class _BankInterceptor:
         if self.rate > 0.0 and module.has_rng(self.dropout_rng):
             x = dropout(x, self.rate, module.make_rng(self.dropout_rng))
         lora_a, lora_b, scale = (module.get_variable(COLLECTION, k) for k in BANK_KEYS)
-        axes = contracted_axes(module)
-        fan_in = tuple(x.shape[a] for a in axes)
-        if fan_in != tuple(lora_a.shape[-1 - len(axes):-1]):
-            raise ValueError(f"jlora.bank.apply: the layer at {path!r} contracts inputs of shape {fan_in} but the bank's "
-                             f"factors there are {tuple(lora_a.shape)} (slots first); was the bank stacked for another "
-                             "model?")
+        axes = checked_axes(module, x, lora_a, f"jlora.bank.apply: the layer at {path!r} contracts inputs of shape "
+                            "{fan_in} but the bank's factors there are {shape} (slots first); was the bank stacked for "
+                            "another model?")
         if not self.per_row:
             lora_a, lora_b, scale = _gather((lora_a, lora_b, scale), self.ids)
         self.used.add(path)
