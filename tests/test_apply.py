@@ -167,3 +167,14 @@ def test_lora_dense_layer_matches_intercepted_dense():
     via_apply = jlora.apply(Net(False).apply, config)(params, lora, x)
     assert rel_err(via_layer, via_apply) <= 1e-6
     assert rel_err(via_layer, Net(False).apply(jlora.merge(params, lora, config), x)) <= 1e-5
+
+
+def test_an_adapter_made_with_the_wrong_axis_roles_is_named():
+    model = TinyLM()
+    params = init_model(model, ((2, 5), jnp.int32))
+    config = jlora.LoraConfig(r=2, target_modules=("out",))
+    # "out" contracts (heads, head_dim) = (2, 4); made as if it contracted only heads, the adapter still fits the kernel
+    wrong = {f"block_{i}/attn/out": jlora.KernelLayout(in_dims=1) for i in range(2)}
+    lora = jlora.init(jax.random.key(0), params, config, layouts=wrong)
+    with pytest.raises(ValueError, match=r"block_0/attn/out.*contracts inputs of shape \(2, 4\) but its lora_a is \(2, 2\)"):
+        jlora.apply(model.apply, config)(params, lora, IDS)
