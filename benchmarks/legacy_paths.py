@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.layers import _compute_dtype
+from jlora.layers import compute_dtype
 
 Array = jax.Array
 
@@ -24,7 +24,7 @@ Array = jax.Array
 def dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, *,
                 axis: Sequence[int] = (-1,), precision: Any = None) -> Array:
     axes = tuple(sorted(a % x.ndim for a in axis))
-    dtype = _compute_dtype(x, lora_a)
+    dtype = compute_dtype(x, lora_a)
     hidden = jax.lax.dot_general(x.astype(dtype), lora_a.astype(dtype),
                                  ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
     out = jnp.tensordot(hidden, lora_b.astype(dtype), axes=1, precision=precision)
@@ -33,7 +33,7 @@ def dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, *,
 
 def fused_dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, mask: Sequence[bool], *,
                       precision: Any = None) -> Array:
-    dtype = _compute_dtype(x, lora_a)
+    dtype = compute_dtype(x, lora_a)
     hidden = jnp.einsum("...i,eir->...er", x.astype(dtype), lora_a.astype(dtype), precision=precision)
     parts = jnp.einsum("...er,ero->...eo", hidden, lora_b.astype(dtype), precision=precision) \
         * jnp.asarray(scale, dtype)

@@ -26,20 +26,13 @@ import jax
 
 from jlora.config import LoraConfig, check_config
 from jlora.core import init
-from jlora.layers import LoraDense, add_delta, attend_delta, dense_delta, dropout, embed_delta, fused_dense_delta
-from jlora.layerkinds import (KernelLayout, as_function, checked_axes, discover, is_adaptable,
+from jlora.layers import (LoraDense, add_delta, attend_delta, dense_delta, embed_delta, fused_dense_delta,
+                          layer_dropout)
+from jlora.layerkinds import (KernelLayout, as_function, checked_axes, discover, first_input, is_adaptable,
                                is_registered_model, observe_layers, tables_read_transposed)
 from jlora.plan import AdapterPlan, Target, make_plan
 from jlora.qlayers import inside_dequantized_call, quantized_layers
 from jlora.tree import COLLECTION, Tree, adapter_modules, combine, flatten, kernel_paths, module_path
-
-
-def _first_input(args: tuple, kwargs: dict) -> Any:
-    if args:
-        return args[0]
-    if kwargs:
-        return next(iter(kwargs.values()))
-    raise TypeError("LoRA layer called without inputs")
 
 
 class _Interceptor:
@@ -56,10 +49,7 @@ class _Interceptor:
         self.used: set[str] = set()
 
     def _dropout(self, module: nn.Module, x: Any) -> Any:
-        rng = None
-        if self.plan.config.lora_dropout > 0.0 and module.has_rng(self.dropout_rng):
-            rng = module.make_rng(self.dropout_rng)
-        return dropout(x, self.plan.config.lora_dropout, rng)
+        return layer_dropout(module, x, self.plan.config.lora_dropout, self.dropout_rng)
 
     def _tied_head(self, module: nn.Module) -> tuple[Target, Mapping[str, Any]] | None:
         """The adapted embedding whose table this kernel-less Dense call reads transposed, if any."""
@@ -98,7 +88,7 @@ class _Interceptor:
                 return next_fun(*args, **kwargs)
             target, pair = tied
             self.used.add(target.path)
-            x = self._dropout(module, _first_input(args, kwargs))
+            x = self._dropout(module, first_input(args, kwargs))
             return add_delta(next_fun(*args, **kwargs), attend_delta(x, pair["lora_a"], pair["lora_b"], target.scale))
         target = self.plan.get(path)
         if target is None:
@@ -108,7 +98,7 @@ class _Interceptor:
         lora_b = module.get_variable(COLLECTION, "lora_b")
         self.used.add(path)
         base = next_fun(*args, **kwargs)
-        x = _first_input(args, kwargs)
+        x = first_input(args, kwargs)
         if isinstance(module, nn.Embed):
             if method == "attend":
                 return add_delta(base, attend_delta(x, lora_a, lora_b, target.scale))

@@ -103,6 +103,15 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Embed)) or is_transposed_layer(module)
 
 
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """A layer call's input: its first positional argument, else its first keyword argument."""
+    if args:
+        return args[0]
+    if kwargs:
+        return next(iter(kwargs.values()))
+    raise TypeError("LoRA layer called without inputs")
+
+
 def checked_axes(module: nn.Module, x: Any, lora_a: Any, problem: str) -> tuple[int, ...]:
     """The layer's contracted axes, after checking that ``x``'s fan_in is ``lora_a``'s (``(..., *fan_in, r)``);
     else a ValueError: ``problem`` formatted with ``fan_in`` (the inputs') and ``shape`` (``lora_a``'s)."""

@@ -40,7 +40,13 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _compute_dtype(x: Array, lora_a: Array) -> Any:
+def layer_dropout(module: nn.Module, x: Array, rate: float, stream: str) -> Array:
+    """:func:`dropout` inside a linen layer: active when ``rate > 0`` and the call has an rng for ``stream``."""
+    rng = module.make_rng(stream) if rate > 0.0 and module.has_rng(stream) else None
+    return dropout(x, rate, rng)
+
+
+def compute_dtype(x: Array, lora_a: Array) -> Any:
     return jnp.promote_types(x.dtype, lora_a.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) \
         else lora_a.dtype
 
@@ -60,7 +66,7 @@ def dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, *,
       ``(*x's other axes in order, *fan_out_shape)``, the layout ``DenseGeneral`` produces.
     """
     axes = tuple(sorted(a % x.ndim for a in axis))
-    dtype = _compute_dtype(x, lora_a)
+    dtype = compute_dtype(x, lora_a)
     hidden = jax.lax.dot_general(x.astype(dtype), lora_a.astype(dtype),
                                  ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
     return jnp.tensordot(hidden * jnp.asarray(scale, dtype), lora_b.astype(dtype), axes=1, precision=precision)
@@ -73,11 +79,17 @@ def fused_dense_delta(x: Array, lora_a: Array, lora_b: Array, scale: float, mask
     ``lora_a: (n_enabled, fan_in, r)``, ``lora_b: (n_enabled, r, slice)``; the output
     ``(..., len(mask) * slice)`` holds ``scale * (x @ A_i) @ B_i`` in each enabled slice, zeros elsewhere.
     """
-    dtype = _compute_dtype(x, lora_a)
+    dtype = compute_dtype(x, lora_a)
     hidden = jnp.einsum("...i,eir->...er", x.astype(dtype), lora_a.astype(dtype), precision=precision)
     parts = jnp.einsum("...er,ero->...eo", hidden * jnp.asarray(scale, dtype), lora_b.astype(dtype),
                        precision=precision)
-    zeros = jnp.zeros(parts.shape[:-2] + parts.shape[-1:], dtype)
+    return place_slices(parts, mask)
+
+
+def place_slices(parts: Array, mask: Sequence[bool]) -> Array:
+    """``parts (..., n_enabled, slice)`` laid out as a fused output ``(..., len(mask) * slice)``: each
+    enabled slice in its place, zeros in the disabled ones."""
+    zeros = jnp.zeros(parts.shape[:-2] + parts.shape[-1:], parts.dtype)
     slots = iter(range(parts.shape[-2]))
     return jnp.concatenate([parts[..., next(slots), :] if on else zeros for on in mask], axis=-1)
 
@@ -93,7 +105,7 @@ def attend_delta(query: Array, lora_a: Array, lora_b: Array, scale: float) -> Ar
 
     ``Embed.attend(q) = q @ E.T``; with ``E + scale * A @ B`` that adds ``scale * q @ B.T @ A.T``.
     """
-    dtype = _compute_dtype(query, lora_a)
+    dtype = compute_dtype(query, lora_a)
     hidden = query.astype(dtype) @ lora_b.astype(dtype).T
     return (hidden * jnp.asarray(scale, dtype)) @ lora_a.astype(dtype).T
 

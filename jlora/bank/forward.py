@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from jlora.bank.slots import BANK_KEYS, BASE, AdapterBank, _leaf, select
-from jlora.layerkinds import as_function, checked_axes, is_adaptable
-from jlora.layers import add_delta, dropout
+from jlora.layerkinds import as_function, checked_axes, first_input, is_adaptable
+from jlora.layers import add_delta, compute_dtype, layer_dropout, place_slices
 from jlora.qlayers import inside_dequantized_call, quantized_layers
 from jlora.tree import COLLECTION, Tree, combine, unflatten
 
@@ -32,15 +32,12 @@ def bank_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Ar
       ``scale[b] * (x[b] @ lora_a[b]) @ lora_b[b]``, shaped ``(batch, ..., *fan_out)`` (fused: the
       ``len(slices) * slice`` output features, zeros in the disabled slices).
     """
-    dtype = jnp.promote_types(x.dtype, lora_a.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else lora_a.dtype
+    dtype = compute_dtype(x, lora_a)
     x, lora_a, lora_b = x.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype)
     if slices is not None:
         hidden = jnp.einsum("b...i,beir->b...er", x, lora_a)
         hidden = hidden * scale.astype(dtype).reshape((-1,) + (1,) * (hidden.ndim - 1))
-        parts = jnp.einsum("b...er,bero->b...eo", hidden, lora_b)
-        zeros = jnp.zeros(parts.shape[:-2] + parts.shape[-1:], dtype)
-        slots = iter(range(parts.shape[-2]))
-        return jnp.concatenate([parts[..., next(slots), :] if on else zeros for on in slices], axis=-1)
+        return place_slices(jnp.einsum("b...er,bero->b...eo", hidden, lora_b), slices)
     axes = tuple(sorted(a % x.ndim for a in axes))
     if 0 in axes:
         raise ValueError("bank_delta: the layer contracts axis 0, which adapter banks take as the batch axis")
@@ -84,8 +81,8 @@ def rows(bank: AdapterBank, adapter_ids: Any) -> AdapterBank:
 class _BankInterceptor:
     """Adds each example's adapter to the layers that hold ``bank_a``/``bank_b``/``bank_scale``."""
 
-    def __init__(self, bank: AdapterBank, ids: jax.Array, rate: float, dropout_rng: str, per_row: bool):
-        self.ids, self.rate, self.dropout_rng, self.per_row = ids, rate, dropout_rng, per_row
+    def __init__(self, bank: AdapterBank, ids: jax.Array, rate: float, dropout_rng: str):
+        self.ids, self.rate, self.dropout_rng, self.per_row = ids, rate, dropout_rng, bank.per_row
         self.slices = {rec.path: rec.slices for rec in bank.targets}
         self.used: set[str] = set()
 
@@ -96,12 +93,11 @@ class _BankInterceptor:
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
         base = next_fun(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = first_input(args, kwargs)
         if x.shape[0] != self.ids.shape[0]:
             raise ValueError(f"jlora.bank.apply: the layer at {path!r} got inputs of shape {tuple(x.shape)}, whose "
                              f"axis 0 (taken as the batch) is not the {self.ids.shape[0]} adapter_ids given")
-        if self.rate > 0.0 and module.has_rng(self.dropout_rng):
-            x = dropout(x, self.rate, module.make_rng(self.dropout_rng))
+        x = layer_dropout(module, x, self.rate, self.dropout_rng)
         lora_a, lora_b, scale = (module.get_variable(COLLECTION, k) for k in BANK_KEYS)
         axes = checked_axes(module, x, lora_a, f"jlora.bank.apply: the layer at {path!r} contracts inputs of shape "
                             "{fan_in} but the bank's factors there are {shape} (slots first); was the bank stacked for "
@@ -138,13 +134,12 @@ class BankApply:
         if not isinstance(bank, AdapterBank):
             raise TypeError(f"jlora.bank.apply: bank must be a jlora.bank.AdapterBank (jlora.bank.stack), got "
                             f"{type(bank).__name__}")
-        per_row = bank.per_row
-        if per_row != (adapter_ids is None):
+        if bank.per_row != (adapter_ids is None):
             raise ValueError("jlora.bank.apply: adapter_ids is required (one slot id per example, -1 for the base)"
-                             if not per_row else "jlora.bank.apply: this bank is one slot per example "
+                             if not bank.per_row else "jlora.bank.apply: this bank is one slot per example "
                              "(jlora.bank.rows): pass adapter_ids=None")
-        ids = jnp.arange(bank.size, dtype=jnp.int32) if per_row else select(bank, adapter_ids)
-        interceptor = _BankInterceptor(bank, ids, self.rate, self.dropout_rng, per_row)
+        ids = jnp.arange(bank.size, dtype=jnp.int32) if bank.per_row else select(bank, adapter_ids)
+        interceptor = _BankInterceptor(bank, ids, self.rate, self.dropout_rng)
         with nn.intercept_methods(interceptor), quantized_layers():
             out = self.fn(combine(params, overlay(bank)), *args, **kwargs)
         unused = sorted({rec.path for rec in bank.targets} - interceptor.used)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,7 +168,6 @@ def _fill(bank: AdapterBank, slots: dict[int, tuple[tuple[Tree, LoraConfig], dic
           caller: str = "jlora.bank.stack") -> AdapterBank:
     """``bank`` with each ``slot`` holding its adapter (padded to R), scale and rank; other kernels zeroed."""
     factors, scales, ranks = flatten(bank.factors), flatten(bank.scales), flatten(bank.ranks)
-    factors = {k: jnp.asarray(v) for k, v in factors.items()}
     scales, ranks = {k: np.array(v) for k, v in scales.items()}, {k: np.array(v) for k, v in ranks.items()}
     known = {rec.module_key for rec in bank.targets}
     for slot, ((lora, _), plan) in slots.items():
@@ -181,9 +181,10 @@ def _fill(bank: AdapterBank, slots: dict[int, tuple[tuple[Tree, LoraConfig], dic
             a_bank, b_bank = factors[a_key], factors[b_key]
             s = rec.stack_dims
             where = (slice(None),) * s + (slot,)
+            a_slot, b_slot = (x.shape[:s] + x.shape[s + 1:] for x in (a_bank, b_bank))
             target = plan.get(rec.module_key)
             if target is None:
-                a, b, scale, rank = jnp.zeros(a_bank[where].shape), jnp.zeros(b_bank[where].shape), 0.0, 0
+                a, b, scale, rank = jnp.zeros(a_slot), jnp.zeros(b_slot), 0.0, 0
             else:
                 if target.rank > bank.rank:
                     raise ValueError(f"{caller}: the adapter for slot {slot} has rank {target.rank} at {target.path!r}, "
@@ -194,15 +195,24 @@ def _fill(bank: AdapterBank, slots: dict[int, tuple[tuple[Tree, LoraConfig], dic
                 a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, bank.rank - target.rank)])
                 b = jnp.pad(b, [(0, 0)] * lead + [(0, bank.rank - target.rank)] + [(0, 0)] * (b.ndim - lead - 1))
                 scale, rank = target.scale, target.rank
-            if a.shape != a_bank[where].shape or b.shape != b_bank[where].shape:
+            if a.shape != a_slot or b.shape != b_slot:
                 raise ValueError(f"{caller}: slot {slot}'s adapter at {rec.path!r} has shapes {a.shape}, {b.shape} after "
-                                 f"padding to rank {bank.rank}; the bank holds {a_bank[where].shape}, {b_bank[where].shape}")
-            factors[a_key] = a_bank.at[where].set(a.astype(a_bank.dtype))
-            factors[b_key] = b_bank.at[where].set(b.astype(b_bank.dtype))
+                                 f"padding to rank {bank.rank}; the bank holds {a_slot}, {b_slot}")
+            factors[a_key] = _set(a_bank, where, a)
+            factors[b_key] = _set(b_bank, where, b)
             scales[rec.module_key][slot], ranks[rec.module_key][slot] = scale, rank
-    return dataclasses.replace(bank, factors=unflatten(factors),
+    return dataclasses.replace(bank, factors=unflatten({k: jnp.asarray(v) for k, v in factors.items()}),
                                scales=unflatten({k: jnp.asarray(v) for k, v in scales.items()}),
                                ranks=unflatten({k: jnp.asarray(v) for k, v in ranks.items()}))
+
+
+def _set(array: Any, where: tuple, value: jax.Array) -> Any:
+    """``array`` with ``array[where] = value``: in place for the numpy buffers :func:`stack` fills (one copy
+    for all its slots), functionally for a bank's jax arrays (:func:`put`, :func:`clear`)."""
+    if isinstance(array, np.ndarray):
+        array[where] = np.asarray(value, array.dtype)
+        return array
+    return array.at[where].set(value.astype(array.dtype))
 
 
 def _check_slot(bank: AdapterBank, slot: Any, caller: str) -> int:
@@ -257,14 +267,10 @@ def take(bank: AdapterBank, slot: int) -> tuple[dict[str, Any], LoraConfig]:
     first = next(iter(ranks))
     fused = {rec.path: rec.slices for rec in bank.targets if rec.slices is not None and rec.path in ranks}
     config = LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=tuple(ranks),
-                        rank_pattern={_exact(p): r for p, r in ranks.items() if r != ranks[first]},
-                        alpha_pattern={_exact(p): a for p, a in alphas.items() if a != alphas[first]},
-                        enable_lora={_exact(p): m for p, m in fused.items()})
+                        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != ranks[first]},
+                        alpha_pattern={re.escape(p): a for p, a in alphas.items() if a != alphas[first]},
+                        enable_lora={re.escape(p): m for p, m in fused.items()})
     return unflatten(flat), config
-
-
-def _exact(path: str) -> str:
-    return "".join("\\" + c if c in ".^$*+?{}[]()|\\" else c for c in path)
 
 
 def select(bank: AdapterBank, adapter_ids: Any) -> jax.Array:
