@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jlora.config import LoraConfig
 from jlora.plan import KernelLayout, Target, make_plan
 from jlora.qformats import is_quantized
-from jlora.tree import LORA_KEYS, Tree, adapter_modules, flatten, unflatten
+from jlora.tree import LORA_KEYS, Tree, adapter_modules, flatten, key_path_str, unflatten
 
 __all__ = ["KernelLayout", "delta", "init", "merge", "unmerge"]
 
@@ -51,6 +51,13 @@ def _init_pair(key: jax.Array, target: Target, mode: bool | str, dtype: Any) -> 
     return {"lora_a": lora_a.astype(dtype), "lora_b": lora_b.astype(dtype)}
 
 
+def _adapter_dtype(kernel_dtype: Any) -> jnp.dtype:
+    kernel_dtype = jnp.dtype(kernel_dtype)
+    if jnp.issubdtype(kernel_dtype, jnp.floating) and jnp.finfo(kernel_dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return kernel_dtype
+
+
 def init(rng: jax.Array, params: Tree, config: LoraConfig, *, model: Any = None, inputs: tuple | None = None,
          dtype: Any = None, layouts: Mapping[str, KernelLayout] | None = None) -> dict[str, Any]:
     """Make the adapter tree for every kernel that ``config.target_modules`` selects.
@@ -65,8 +72,9 @@ def init(rng: jax.Array, params: Tree, config: LoraConfig, *, model: Any = None,
         with example ``inputs``. Needed for kernels of more than two axes (``DenseGeneral``,
         ``nn.scan`` stacks); 2-D kernels and embeddings are understood from the params alone.
       inputs: example inputs for a linen ``model`` (a tuple of positional args; shapes matter).
-      dtype: dtype of the adapters (default: each kernel's own), e.g. ``jnp.float32`` adapters
-        over a ``bfloat16`` base.
+      dtype: dtype of the adapters. Default: float32 over a kernel of a narrower float dtype
+        (bfloat16, float16: the adapters are the trained master copies, as PEFT's
+        ``autocast_adapter_dtype``), otherwise the kernel's own (float32, float64).
       layouts: ``{module path: KernelLayout}``, explicit axis roles (overrides the model's).
 
     Returns:
@@ -82,7 +90,7 @@ def init(rng: jax.Array, params: Tree, config: LoraConfig, *, model: Any = None,
     flat = {}
     for target in plan.values():
         key = jax.random.fold_in(rng, zlib.crc32(target.path.encode()))
-        pair = _init_pair(key, target, config.init_lora_weights, dtype or jnp.dtype(target.dtype))
+        pair = _init_pair(key, target, config.init_lora_weights, dtype or _adapter_dtype(target.dtype))
         for name, value in pair.items():
             flat[(*target.key_path[:-1], name)] = value
     return unflatten(flat)
@@ -145,8 +153,15 @@ def unmerge(merged: Tree, lora: Tree, config: LoraConfig, *, model: Any = None, 
     """Inverse of :func:`merge` for the kernels: ``W <- W - scale * lora_a @ lora_b``.
 
     Exact up to float rounding of the kernel's dtype. Trained biases and ``modules_to_save``
-    stay as they are in ``merged`` (there is no frozen copy to return to).
+    stay as they are in ``merged`` (there is no frozen copy to return to). ``merged`` is a float
+    model: a quantized base (:func:`jlora.quantize`) is refused, as nothing was merged into it.
     """
+    quantized = next(((p, leaf) for p, leaf in flatten(merged).items() if is_quantized(leaf)), None)
+    if quantized is not None:
+        raise ValueError(f"jlora.unmerge: {key_path_str(quantized[0])!r} is a quantized kernel ({quantized[1].format}): "
+                         "merged must be a merged float model, and jlora.merge over a quantized base returns a float "
+                         "model, never a quantized one; unmerge what jlora.merge returned, or use the quantized base "
+                         "as it is (it holds no adapter)")
     return _fold(merged, lora, config, -1.0, "jlora.unmerge", model, inputs, check_finite)
 
 

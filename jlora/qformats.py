@@ -93,6 +93,21 @@ def _expand(scale: Array, axis: int) -> Array:
 FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+def float_dtype(dtype: Any, caller: str) -> Any:
+    """``dtype`` (None: keep each kernel's own) checked to be a floating-point dtype, named ``dtype=``
+    by ``caller`` when not: integer codes would dequantize to zeros and a merge would truncate."""
+    if dtype is None:
+        return None
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"{caller}: dtype= must be a floating-point dtype (the dtype kernels dequantize to), e.g. "
+                         f"jnp.bfloat16 or 'float32'; got {getattr(resolved, 'name', None) or repr(dtype)}")
+    return resolved
+
+
 def _check_dtypes(kernel: Any, **expected: tuple) -> None:
     """Refuse arrays of the wrong dtype, e.g. codes cast by ``jax.tree.map(lambda x: x.astype(...))``."""
     for name, dtypes in expected.items():
@@ -304,6 +319,7 @@ def quantize_kernel(w: Array, fmt: str, axis: int = -2, dtype: Any = None, where
     if not hasattr(w, "shape") or np.ndim(w) < 2 or not jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating):
         raise ValueError(f"quantize {where}: expected a float kernel of >= 2 dims, got "
                          f"{type(w).__name__} {getattr(w, 'dtype', '')}{tuple(np.shape(w))}")
+    dtype = float_dtype(dtype, f"quantize {where}")
     axis = _pos(axis, np.ndim(w)) - np.ndim(w)
     if fmt == "nf4" and np.shape(w)[axis] % NF4_BLOCK:
         raise ValueError(f"quantize {where}: NF4 blocks of {NF4_BLOCK} do not divide its block (fan_in) axis of "

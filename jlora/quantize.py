@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jlora.layerkinds import KernelLayout, discover, stored_transposed
-from jlora.qformats import FORMATS, is_quantized, quantize_kernel
+from jlora.qformats import FORMATS, float_dtype, is_quantized, quantize_kernel
 from jlora.summary import size_of
 from jlora.tree import LORA_KEYS, Tree, flatten, is_variables_dict, key_path_str, module_path, unflatten
 
@@ -73,12 +73,14 @@ def quantize(params: Tree, fmt: str = "nf4", *, include: Sequence[str] | None = 
 
     Raises:
       ValueError: naming the leaf: an adapter in ``params`` (adapters stay float), nothing selected,
-        a kernel whose block axis NF4's blocks of 64 do not divide, an unknown format.
+        a kernel whose block axis NF4's blocks of 64 do not divide, an unknown format, a ``dtype`` that
+        is not a floating-point dtype.
     """
     if fmt not in ("nf4", "int8"):
         raise ValueError(f"jlora.quantize: fmt must be 'nf4' or 'int8', got {fmt!r} (GGUF files keep their own "
                          f"{[f for f in FORMATS if f.startswith('q')]} blocks: jlora.hf.load_gguf_llama(..., "
                          "quantized=True))")
+    dtype = float_dtype(dtype, "jlora.quantize")
     if embeddings and fmt == "nf4":
         raise ValueError("jlora.quantize: embeddings=True with 'nf4': nn.Embed checks its table's shape when it is set "
                          "up, before jlora can dequantize it, and NF4 packs two codes a byte; quantize the tables in "
@@ -118,7 +120,8 @@ def quantize(params: Tree, fmt: str = "nf4", *, include: Sequence[str] | None = 
 
 def dequantize(params: Tree, dtype: Any = None) -> dict[str, Any]:
     """``params`` with every quantized leaf replaced by its dequantized float kernel (``dtype``:
-    default each kernel's original dtype)."""
+    default each kernel's original dtype; a floating-point dtype)."""
+    dtype = float_dtype(dtype, "jlora.dequantize")
     return unflatten({p: leaf.dequantize(dtype) if is_quantized(leaf) else leaf for p, leaf in flatten(params).items()})
 
 

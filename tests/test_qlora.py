@@ -315,3 +315,29 @@ def test_misuse_of_a_quantized_tree_is_named():
     with pytest.raises(TypeError, match=r"a quantized kernel \(NF4Kernel, nf4, shape \(128, 128\)\) was used as an "
                                         r"array: call the model through jlora.apply"):
         jnp.asarray(q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, "int8", bool, "nonsense"])
+def test_a_non_float_dequantized_dtype_is_refused_naming_dtype(fmt, dtype):
+    params = {"layers": {"0": {"q": {"kernel": jnp.full((64, 8), 0.5)}}}}
+    with pytest.raises(ValueError, match=r"jlora.quantize: dtype= must be a floating-point dtype .*got "):
+        jlora.quantize(params, fmt, dtype=dtype)
+    with pytest.raises(ValueError, match=r"jlora.dequantize: dtype= must be a floating-point dtype"):
+        jlora.dequantize(jlora.quantize(params, fmt), dtype=dtype)
+    q = jlora.quantize(params, fmt, dtype="bfloat16")  # a float dtype by name is fine
+    assert jlora.dequantize(q)["layers"]["0"]["q"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_unmerge_over_a_quantized_base_is_refused():
+    params = {"layers": {"0": {"q": {"kernel": jnp.full((64, 8), 0.5)}, "k": {"kernel": jnp.full((64, 8), 0.25)}}}}
+    config = jlora.LoraConfig(r=2, target_modules=("q",), init_lora_weights=False)
+    q = jlora.quantize(params, "int8")
+    lora = jlora.init(jax.random.key(0), q, config)
+    with pytest.raises(ValueError, match=r"jlora.unmerge: 'layers/0/\w/kernel' is a quantized kernel \(int8\).*"
+                                         r"jlora.merge over a quantized base returns a float model"):
+        jlora.unmerge(q, lora, config)
+    merged = jlora.merge(q, lora, config)  # the float model merge gives back unmerges
+    back = jlora.unmerge(merged, lora, config)
+    np.testing.assert_allclose(back["layers"]["0"]["q"]["kernel"], jlora.dequantize(q)["layers"]["0"]["q"]["kernel"],
+                               atol=1e-5)
