@@ -4,6 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jlora
 from models import MLP, TinyLM, init_model
@@ -71,11 +72,14 @@ def test_distributions():
     assert float(jnp.std(noisy["big"]["lora_b"])) > 0.1
 
 
-def test_dtype_defaults_to_kernel_and_can_be_overridden():
-    params = {"lin": {"kernel": jnp.zeros((8, 8), jnp.bfloat16)}}
+@pytest.mark.parametrize("kernel, default", [(jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32),
+                                             (jnp.float32, jnp.float32)])
+def test_adapters_are_float32_over_narrow_kernels_unless_asked(kernel, default):
+    params = {"lin": {"kernel": jnp.zeros((8, 8), kernel)}}
     config = jlora.LoraConfig(r=2, target_modules=("lin",))
-    assert jlora.init(jax.random.key(0), params, config)["lin"]["lora_a"].dtype == jnp.bfloat16
-    assert jlora.init(jax.random.key(0), params, config, dtype=jnp.float32)["lin"]["lora_b"].dtype == jnp.float32
+    lora = jlora.init(jax.random.key(0), params, config)["lin"]
+    assert lora["lora_a"].dtype == lora["lora_b"].dtype == default
+    assert jlora.init(jax.random.key(0), params, config, dtype=jnp.bfloat16)["lin"]["lora_b"].dtype == jnp.bfloat16
 
 
 def test_rank_pattern_sets_per_module_rank():

@@ -55,6 +55,7 @@ class CausalLM:
     head_transposed: bool  # the kernel is stored (vocab, d): a tied embedding table
     context_length: int  # the model's own max_position_embeddings (the loaded config may be capped)
     gguf: str | None = None  # the GGUF file it came from, if any
+    dtype: str = "float32"  # the computation dtype, and that of the params' float leaves
 
     @contextlib.contextmanager
     def full_context(self) -> Iterator[None]:
@@ -90,17 +91,25 @@ def load_causal_lm(name: str, *, max_positions: int, dtype: str = "float32", rem
                    quantize: str | None = None) -> CausalLM:
     """:func:`_load`, its transformer blocks' kernels then quantized (QLoRA's frozen base):
     ``quantize`` ``"nf4"`` / ``"int8"`` (:func:`jlora.quantize`, dequantized in the computation dtype),
-    or ``"gguf"``: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks kept as they are (no float copy first)."""
+    or ``"gguf"``: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks kept as they are (no float copy first).
+
+    ``dtype`` (``"float32"``, ``"bfloat16"`` or ``"auto"``: :func:`jlora.precision.resolve_dtype`)
+    is the computation dtype, and the storage dtype of the returned params' float leaves (the frozen
+    base: quantized kernels keep their codes and scales); make adapters float32 over it
+    (``jlora.init(..., dtype=jnp.float32)``). Quantization reads the float32 weights, before the cast."""
+    from jlora.precision import cast_floats, resolve_dtype
+    dtype = resolve_dtype(dtype, flag="dtype")
     if quantize == "gguf":
         if name != "smollm2" and Path(name).suffix != ".gguf":
             raise ValueError(f"--quantize gguf keeps the blocks of a GGUF file; --model {name} is not one "
                              "(use --quantize nf4 or int8)")
-        return _load(name, max_positions=max_positions, dtype=dtype, remat=remat, keep_blocks=True)
-    lm = _load(name, max_positions=max_positions, dtype=dtype, remat=remat)
-    if quantize is not None:
-        from jlora.quantize import quantize as quantize_params
-        lm = dataclasses.replace(lm, params=quantize_params(lm.params, quantize, dtype=jnp.dtype(dtype)))
-    return lm
+        lm = _load(name, max_positions=max_positions, dtype=dtype, remat=remat, keep_blocks=True)
+    else:
+        lm = _load(name, max_positions=max_positions, dtype=dtype, remat=remat)
+        if quantize is not None:
+            from jlora.quantize import quantize as quantize_params
+            lm = dataclasses.replace(lm, params=quantize_params(lm.params, quantize, dtype=jnp.dtype(dtype)))
+    return dataclasses.replace(lm, params=cast_floats(lm.params, dtype), dtype=dtype)
 
 
 def _load(name: str, *, max_positions: int, dtype: str = "float32", remat: bool = False,
@@ -108,7 +117,7 @@ def _load(name: str, *, max_positions: int, dtype: str = "float32", remat: bool 
     """``smollm2``, a Llama ``.gguf`` file, or an HF folder of a supported family (see module doc).
 
     ``max_positions`` caps ``max_position_embeddings`` (Flax causal LMs build a max_pos² mask);
-    ``dtype`` is the computation dtype (params stay float32); ``remat`` (Llama family) recomputes
+    ``dtype`` is the computation dtype (params as loaded: float32); ``remat`` (Llama family) recomputes
     each decoder layer's activations in the backward pass.
     """
     import transformers

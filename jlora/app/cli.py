@@ -54,6 +54,10 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", default=None, choices=("nf4", "int8", "gguf"),
                    help="QLoRA: train adapters over a quantized frozen base (nf4: 4-bit NormalFloat, blocks of 64; "
                    "int8: per-channel; gguf (causal-lm): keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are)")
+    p.add_argument("--dtype", default=d.dtype, choices=("auto", "bfloat16", "float32"),
+                   help="computation dtype; auto (default): bfloat16 where this backend has fast bf16 matmuls "
+                   "(measured at start), float32 otherwise. bfloat16 stores the frozen base in bf16; adapters, "
+                   "the trained head, optimizer state and the loss stay float32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-export", action="store_true", help="skip the merged HF / PEFT exports")
@@ -62,8 +66,6 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training row")
     lm.add_argument("--no-pack", action="store_true", help="one example per row instead of packing several")
     lm.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per step (gradient accumulation)")
-    lm.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"),
-                    help="computation dtype (params, adapters and the loss stay float32)")
     lm.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass")
     lm.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length of the evaluation")
     lm.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples scored for perplexity")
@@ -113,11 +115,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()
     dataset = load_dataset(args.data)
     _, held = dataset.split(args.eval_fraction, args.seed)
-    model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(args.model, from_pt=True)
+    from jlora.precision import cast_floats, resolve_dtype
+    dtype = resolve_dtype(args.dtype)
+    config = transformers.AutoConfig.from_pretrained(args.model)  # not from dtype=: see finetune.build
+    model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(args.model, config=config,
+                                                                                from_pt=True, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     data = encode(tokenizer, held, args.max_length)
-    metrics = make_evaluator(model, None)(model.params, {}, data)
-    print(json.dumps({"model": args.model, "held_out_examples": len(held), **metrics}))
+    metrics = make_evaluator(model, None)(cast_floats(model.params, dtype), {}, data)
+    print(json.dumps({"model": args.model, "held_out_examples": len(held), "dtype": dtype, **metrics}))
     return 0
 
 
@@ -129,6 +135,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from jlora.app.finetune import FinetuneOptions, build, make_optimizer, model_dir
     from jlora.hf.export import export_merged
     from jlora.hf.peft import save_peft
+    from jlora.precision import cast_floats
 
     run = Path(args.run)
     info_path = run / "run.json"
@@ -143,6 +150,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.format not in ("hf", "peft"):
         raise ValueError(f"--format {args.format}: a classification run exports as hf or peft")
     model, params, config, trainable, frozen = build(options, len(info["labels"]))
+    frozen = cast_floats(frozen, "float32")  # a bfloat16 run's base merged and written in float32, as the run did
     if config != LoraConfig.from_dict(info["lora_config"]):
         raise ValueError(f"--run: {run}/run.json's LoRA config does not match the rebuilt one")
     opt_state = jax.eval_shape(make_optimizer(options, config).init, trainable)
@@ -166,11 +174,13 @@ def _export_causal_lm(args: argparse.Namespace, run: Path, options: FinetuneOpti
     from jlora.hf.export import atomic_dir, export_merged
     from jlora.hf.peft import save_peft
     from jlora.optim import split
+    from jlora.precision import cast_floats
 
     lm = load_model(options)
     if args.format == "gguf" and not (lm.family == "llama" and lm.gguf):
         raise ValueError(f"--format gguf: GGUF export is for Llama models loaded from GGUF; {lm.source} is not one")
     trainable, frozen = split(lm.params, init(jax.random.key(0), lm.params, config), config)
+    frozen = cast_floats(frozen, "float32")  # a bfloat16 run's base merged and written in float32, as the run did
     opt_state = jax.eval_shape(make_optimizer(options, config).init, trainable)
     with AdapterCheckpointer(run / "checkpoints", config, lm.params) as checkpointer:
         step, trainable, _ = checkpointer.restore(trainable, opt_state)
@@ -220,6 +230,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per generate call")
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="the most a request may ask for")
+    p.add_argument("--dtype", default=d.dtype, choices=("auto", "bfloat16", "float32"),
+                   help="computation dtype of the base (stored in it) and the KV cache; auto (default): bfloat16 "
+                   "where this backend has fast bf16 matmuls (measured at start); adapters stay float32")
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help="how long the batcher waits for more requests after the first")
 
@@ -240,7 +253,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--adapter: {len(adapters)} adapters do not fit --slots {args.slots}")
     targets = tuple(t for t in args.targets.split(",") if t)
     return run(ServeOptions(args.model, tuple(adapters), args.slots, args.rank, targets, args.host, args.port,
-                            args.max_batch, args.max_prompt_tokens, args.max_new_tokens, args.batch_wait_ms))
+                            args.max_batch, args.max_prompt_tokens, args.max_new_tokens, args.batch_wait_ms,
+                            dtype=args.dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="computation dtype (auto: bfloat16 where this backend has fast bf16 matmuls)")
     _export_parser(sub, "export", "write a run's adapters as a merged HF folder or a PEFT adapter")
     _export_parser(sub, "merge", "write a run's merged model as an HF folder (= export --format hf)")
     _serve_parser(sub)

@@ -76,7 +76,10 @@ class FinetuneOptions:
     max_new_tokens: int = 24
     eval_examples: int = 64
     gen_examples: int = 16
-    dtype: str = "float32"  # computation dtype of the model (params and adapters stay float32)
+    # computation dtype: "auto" (bfloat16 where the backend has fast bf16 matmuls, float32 otherwise:
+    # jlora.precision), "bfloat16" (the frozen base stored in bf16; adapters, head, optimizer state and
+    # the loss stay float32) or "float32"; resolved() replaces "auto" by what it picked
+    dtype: str = "auto"
     remat: bool = False  # recompute each decoder layer's activations in the backward pass (Llama family)
     quantize: str | None = None  # QLoRA: "nf4" | "int8" (jlora.quantize), "gguf" (a GGUF file's own blocks)
 
@@ -87,7 +90,8 @@ class FinetuneOptions:
         filled = {k: v for k, v in TASK_DEFAULTS[self.task].items() if getattr(self, k) is None}
         options = dataclasses.replace(self, **filled)
         options.check()
-        return options
+        from jlora.precision import resolve_dtype
+        return dataclasses.replace(options, dtype=resolve_dtype(options.dtype))
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -118,10 +122,11 @@ class FinetuneOptions:
                                  "an example must fit in a row")
             if self.batch % self.accumulate:
                 raise ValueError(f"--batch {self.batch} does not split into --accumulate {self.accumulate} micro-batches")
-            if self.dtype not in ("float32", "bfloat16"):
-                raise ValueError(f"--dtype: expected float32 or bfloat16, got {self.dtype!r}")
-        elif self.accumulate != 1 or self.remat or self.dtype != "float32":
-            raise ValueError("--accumulate, --remat and --dtype are options of the causal-lm task")
+        elif self.accumulate != 1 or self.remat:
+            raise ValueError("--accumulate and --remat are options of the causal-lm task")
+        from jlora.precision import DTYPES
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 def model_dir(name: str) -> Path:
@@ -175,29 +180,39 @@ def prepare_out(options: FinetuneOptions) -> Path:
 
 
 def build(options: FinetuneOptions, num_labels: int) -> tuple[Any, Any, LoraConfig | None, Any, Any]:
-    """``(model, params, config, trainable, frozen)`` for the mode."""
+    """``(model, params, config, trainable, frozen)`` for the mode.
+
+    The model computes in ``options.dtype`` (resolved: float32 or bfloat16). What trains (adapters,
+    the classifier head, every param with ``--mode full``) is float32; the frozen rest is stored in
+    the compute dtype (:func:`jlora.precision.cast_floats`; quantized kernels as they are)."""
     import transformers
     from jlora.core import init
     from jlora.hf.families import default_config
     from jlora.optim import split
+    from jlora.precision import cast_floats
 
     transformers.logging.set_verbosity_error()
     path = model_dir(options.model)
+    dtype = jnp.dtype(options.dtype)
+    # the config is made first: given with dtype=, from_pretrained would store the jnp dtype in it as
+    # transformers' own "dtype" field, which it then cannot write to config.json
+    model_config = transformers.AutoConfig.from_pretrained(path, num_labels=num_labels)
     model = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(
-        path, from_pt=True, num_labels=num_labels, seed=options.seed)
+        path, config=model_config, from_pt=True, seed=options.seed, dtype=dtype)
     params = model.params
     if options.quantize:
         from jlora.quantize import quantize
-        params = quantize(params, options.quantize)
+        params = quantize(params, options.quantize, dtype=dtype)
     if options.mode == "lora":
         overrides = {"target_modules": options.targets} if options.targets else {}
         config = default_config(model, r=options.rank, lora_alpha=options.alpha, **overrides)
-        lora = init(jax.random.key(options.seed), params, config)
+        lora = init(jax.random.key(options.seed), params, config, dtype=jnp.float32)
         trainable, frozen = split(params, lora, config)
-        return model, params, config, trainable, frozen
+        return model, params, config, trainable, cast_floats(frozen, dtype)
     head = next(k for k in ("classifier", "score") if k in params)
     if options.mode == "head":
-        return model, params, None, {head: params[head]}, {k: v for k, v in params.items() if k != head}
+        return model, params, None, {head: params[head]}, cast_floats({k: v for k, v in params.items() if k != head},
+                                                                      dtype)
     return model, params, None, params, {}
 
 
@@ -226,6 +241,7 @@ def _loss_and_logits(model: Any, f: Any, trainable: Any, frozen: Any, batch: dic
     else:
         from jlora.tree import combine
         logits = model(**inputs, params=combine(frozen, trainable), **extra).logits
+    logits = logits.astype(jnp.float32)  # the softmax and the loss in float32 whatever the compute dtype
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
     return loss, logits
 
@@ -251,15 +267,15 @@ def make_evaluator(model: Any, f: Any, batch: int = 64) -> Any:
 
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """Run the job (either task); returns the final metrics (also in ``<out>/final.json``)."""
-    options = options.resolved()
+    requested_dtype, options = options.dtype, options.resolved()
     if options.task == "causal-lm":
         from jlora.app.lm_job import run
-        return run(options)
-    return classify(options)
+        return run(options, requested_dtype)
+    return classify(options, requested_dtype)
 
 
-def classify(options: FinetuneOptions) -> dict[str, Any]:
-    """The classification task for resolved options."""
+def classify(options: FinetuneOptions, requested_dtype: str | None = None) -> dict[str, Any]:
+    """The classification task for resolved options (``requested_dtype``: what ``--dtype`` said)."""
     import transformers
     from jlora.app.loop import Loop, run as run_loop
     from jlora.intercept import apply
@@ -280,7 +296,8 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
     n_base = size_of(params)[0]  # a quantized kernel counts its weights
     summary = str(count(params, trainable, config)) if config else \
         f"trainable params: {n_trainable:,} || base params: {n_base:,} || trainable%: {100 * n_trainable / n_base:.4f}"
-    run_info = {"options": dataclasses.asdict(options), "labels": list(dataset.label_names),
+    run_info = {"options": dataclasses.asdict(options), "dtype_requested": requested_dtype or options.dtype,
+                "labels": list(dataset.label_names),
                 "train_examples": len(train_set), "held_out_examples": len(held_set), "summary": summary,
                 "lora_config": config.to_dict() if config else None}
     (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
@@ -311,6 +328,9 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
         start, history = done + 1, read_metrics(out, done + 1)  # rows count finished steps from 1
         print(f"resumed after step {done + 1} (checkpoints/{done} in {out})")
     print(summary)
+    from jlora.precision import describe_choice
+    print(describe_choice(requested_dtype or options.dtype, options.dtype) + ("" if options.dtype == "float32" else
+          ": the frozen base in bfloat16; adapters, head, optimizer state and the loss in float32"))
     print(f"data: {dataset.source}, {len(train_set)} train / {len(held_set)} held-out examples, "
           f"{len(dataset.label_names)} classes {list(dataset.label_names)}")
     if start == 0:
@@ -340,7 +360,10 @@ def classify(options: FinetuneOptions) -> dict[str, Any]:
     if options.export and config is not None:
         from jlora.hf.export import export_merged
         from jlora.hf.peft import save_peft
-        final["merged"] = str(export_merged(out / "merged", model, frozen, trainable, config, tokenizer=tokenizer))
+        from jlora.precision import cast_floats
+        # float32 files: the base as trained (bf16 values, exact in float32) plus the float32 delta unrounded
+        final["merged"] = str(export_merged(out / "merged", model, cast_floats(frozen, jnp.float32), trainable, config,
+                                            tokenizer=tokenizer))
         final["adapter"] = str(save_peft(out / "adapter", model, trainable, config))
     (out / "final.json").write_text(json.dumps(final, indent=2))
     print("final: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora.app import causal_lm as clm
@@ -44,8 +45,9 @@ def generation_eval(lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,
     return clm.rouge_l(outputs, references), samples
 
 
-def run(options: Any) -> dict[str, Any]:
-    """Run the causal-LM job for resolved :class:`jlora.app.finetune.FinetuneOptions`; returns the final metrics."""
+def run(options: Any, requested_dtype: str | None = None) -> dict[str, Any]:
+    """Run the causal-LM job for resolved :class:`jlora.app.finetune.FinetuneOptions` (``requested_dtype``:
+    what ``--dtype`` said, e.g. ``auto``); returns the final metrics."""
     from jlora.app.finetune import batch_indices, check_out, make_optimizer, prepare_out
     from jlora.app.loop import Loop, run as run_loop
     from jlora.app.pods import gather
@@ -81,7 +83,7 @@ def run(options: Any) -> dict[str, Any]:
     _barrier("prepared the run folder")
     overrides = {"target_modules": options.targets} if options.targets else {}
     config = default_config(lm.model, r=options.rank, lora_alpha=options.alpha, **overrides)
-    lora = init(jax.random.key(options.seed), lm.params, config)
+    lora = init(jax.random.key(options.seed), lm.params, config, dtype=jnp.float32)  # float32 over any base
     trainable, frozen = split(lm.params, lora, config)
     host_frozen = frozen  # generation and exports read host copies (any mesh, any number of processes)
     head_adapted = lm.head_module in make_plan(lm.params, config, lora=lora)
@@ -116,6 +118,9 @@ def run(options: Any) -> dict[str, Any]:
         print(f"resumed after step {done + 1} (checkpoints/{done} in {out})")
     say = print if primary else (lambda *a, **k: None)
     say(summary)
+    from jlora.precision import describe_choice
+    say(describe_choice(requested_dtype or options.dtype, options.dtype) + ("" if options.dtype == "float32" else
+        ": the frozen base in bfloat16; adapters, optimizer state and the loss in float32"))
     say(f"model: {lm.source} ({lm.family}); data: {options.data}: {stats['train_examples']} train examples in "
         f"{stats['train_rows']} rows of {options.seq_len} ({'packed' if options.pack else 'one per row'}, "
         f"{stats['row_fill']:.0%} filled), {stats['held_out_examples']} held out"
@@ -191,9 +196,13 @@ def _barrier(name: str) -> None:
 def export_all(out: Path, lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,
                overwrite: bool = False) -> dict[str, str]:
     """``merged/`` (HF folder), ``adapter/`` (PEFT) and, for a Llama model loaded from GGUF, ``merged.gguf``
-    (its tokenizer fields are copied from the source file)."""
+    (its tokenizer fields are copied from the source file). A bfloat16 base is merged and written in
+    float32: the base's values as trained (exact in float32) plus the float32 delta, unrounded."""
     from jlora.hf.export import export_merged
     from jlora.hf.peft import save_peft
+    from jlora.precision import cast_floats
+
+    frozen = cast_floats(frozen, jnp.float32)
 
     with lm.full_context():  # the exports carry the model's own context length, not the run's cap
         done = {"merged": str(export_merged(out / "merged", lm.model, frozen, trainable, config,

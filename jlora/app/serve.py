@@ -60,6 +60,7 @@ class ServeOptions:
     max_prompt_tokens: int = 256
     max_new_tokens: int = 64
     batch_wait_ms: float = 20.0
+    dtype: str = "auto"  # the base's computation and storage dtype (jlora.precision.resolve_dtype)
 
 
 def adapter_folder(path: str | Path) -> Path:
@@ -150,6 +151,7 @@ class AdapterServer:
             used = {p: r for p, r in ranks.items() if r}
             rows.append({"name": name, "slot": slot, "rank": max(used.values(), default=0), "kernels": len(used)})
         return {"adapters": rows, "free_slots": bank.size - len(names), "bank_rank": bank.rank,
+                "dtype": getattr(self.lm, "dtype", "float32"),
                 "kernels": [rec.path for rec in bank.targets]}
 
     # --- generation -------------------------------------------------------------------------

@@ -141,14 +141,15 @@ def run(options: ServeOptions) -> int:
     from jlora.app.causal_lm import load_causal_lm
     httpd = bind(options)
     try:
-        lm = load_causal_lm(options.model, max_positions=options.max_prompt_tokens + options.max_new_tokens)
+        lm = load_causal_lm(options.model, max_positions=options.max_prompt_tokens + options.max_new_tokens,
+                            dtype=options.dtype)
     except BaseException:
         httpd.server_close()
         raise
     httpd, state = start(lm, options, httpd)
     host, port = httpd.server_address[:2]
     print(f"jlora serve: {lm.source} with {len(state.names)} adapters {sorted(state.names)} "
-          f"({options.slots} slots, rank <= {state.bank.rank}) on http://{host}:{port}", flush=True)
+          f"({options.slots} slots, rank <= {state.bank.rank}, {lm.dtype}) on http://{host}:{port}", flush=True)
     def stop(signum: int, frame: Any) -> None:  # SIGTERM (docker stop, systemd) ends the server like Ctrl-C
         raise KeyboardInterrupt
 
