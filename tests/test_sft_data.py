@@ -55,6 +55,31 @@ def test_bad_rows_are_named_file_line(tmp_path, row, message):
         read_jsonl(path)
 
 
+def test_a_truncated_row_is_reported_at_its_own_line_and_column(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON (Expecting ',' delimiter at column 34, "
+                                                   "the end of the line: is the row cut short?)")):
+        read_jsonl(path)
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\r\n{"prompt": "a", "compl\r\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON (Unterminated string starting at "
+                                                   "column 17")):
+        read_jsonl(path)
+
+
+def test_files_that_are_not_utf8_are_named_file_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n' * 3 + '{"prompt": "caf\u00e9", "completion": "b"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:4: not UTF-8 (byte 0xe9 at column 16")):
+        read_jsonl(path)
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"line one\nline two\nna\xefve\n")
+    with pytest.raises(ValueError, match=re.escape(f"{text}:3: not UTF-8 (byte 0xef at column 3")):
+        read_text(text)
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')  # a byte-order mark is read past
+    assert read_jsonl(path)[0].completion == "b"
+
+
 def test_empty_files_are_errors(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="no examples"):

