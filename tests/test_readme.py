@@ -1,13 +1,16 @@
-"""The README runs as written: every ```python block of README.md is executed, unmodified.
+"""The docs run as written: every ```python block of README.md and docs/*.md is executed, unmodified.
 
 Each block runs in its own subprocess (cwd: a fresh tmp dir, so files it writes land there) with
 8 CPU devices (``XLA_FLAGS`` is set before jax is imported: the Pods block builds a 2 x 4 mesh).
-A block that, as the README says, works on things the reader already has (``variables``,
+A block that, as its page says, works on things the reader already has (``variables``,
 ``model``, ``loss_fn``, ``batch``) gets them from a small, visible PREAMBLE here, keyed by the
-block's section heading and first line; an EPILOGUE may then check what the block claims. The
-README's code itself is never edited. A block may use the names of earlier blocks of its own
-section (``continues``). A new block that is neither in BLOCKS nor in SKIPPED (with a reason)
-fails ``test_every_python_block_is_covered``.
+block's page, section heading and first line; an EPILOGUE may then check what the block claims.
+The pages' code itself is never edited. A block may use the names of an earlier block of its own
+page (``continues``: that block, and the one it continues, run first). A new block that is neither
+in BLOCKS nor in SKIPPED (with a reason) fails ``test_every_python_block_is_covered``.
+
+Every relative link of these pages (and of BENCHMARKS.md, the index of where the benchmarks went)
+must name an existing file, and its ``#anchor`` a heading of that file (GitHub's anchors).
 """
 from __future__ import annotations
 
@@ -18,60 +21,86 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]   # their python blocks run
+LINKED = [*PAGES, ROOT / "BENCHMARKS.md"]                                # their links are checked
+
+
+def rel(path: Path) -> str:
+    return path.resolve().relative_to(ROOT).as_posix()
 
 
 @dataclass(frozen=True)
 class Block:
+    file: str      # the page, relative to the repository root ("README.md", "docs/qlora.md")
     heading: str   # the nearest "#"-heading above the block, without the "#"s
     first: str     # the block's first line, stripped
-    line: int      # 1-based README line of the block's first code line
+    line: int      # 1-based line of the page of the block's first code line
     code: str
 
     @property
-    def key(self) -> tuple[str, str]:
-        return self.heading, self.first
+    def key(self) -> tuple[str, str, str]:
+        return self.file, self.heading, self.first
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
-def python_blocks(text: str) -> list[Block]:
-    blocks, heading, code, start, other_fence = [], "", None, 0, False
+def _lines_outside_fences(text: str):
+    """(number, line, fence) for every line; fence: the info string of the fence the line is in
+    ("python", "bash", "" ...), None outside fences and on the fence lines themselves."""
+    fence = None
     for number, line in enumerate(text.splitlines(), 1):
-        if other_fence:  # inside a non-python fence (bash, text): its "# comments" are not headings
-            other_fence = line.strip() != "```"
-        elif code is None:
-            if re.match(r"#{1,6} ", line):
-                heading = line.lstrip("#").strip()
-            elif line.strip() == "```python":
-                code, start = [], number + 1
-            elif line.strip().startswith("```"):
-                other_fence = True
-        elif line.strip() == "```":
-            source = "\n".join(code) + "\n"
-            blocks.append(Block(heading, next(s.strip() for s in code if s.strip()), start, source))
-            code = None
+        stripped = line.strip()
+        if fence is None and stripped.startswith("```"):
+            fence = stripped[3:].strip()
+            yield number, line, None
+        elif fence is not None and stripped == "```":
+            fence = None
+            yield number, line, None
         else:
+            yield number, line, fence
+
+
+def python_blocks(text: str, file: str) -> list[Block]:
+    blocks, heading, code, start = [], "", None, 0
+    for number, line, fence in _lines_outside_fences(text):
+        if fence is None and code is not None:            # the closing fence of a python block
+            blocks.append(Block(file, heading, next(s.strip() for s in code if s.strip()), start,
+                                "\n".join(code) + "\n"))
+            code = None
+        elif fence is None and line.strip() == "```python":
+            code, start = [], number + 1
+        elif fence is None and re.match(r"#{1,6} ", line):  # "# comments" inside fences are not headings
+            heading = line.lstrip("#").strip()
+        elif fence == "python":
             code.append(line)
-    assert code is None, "README.md: a ```python block is not closed"
+    assert code is None, f"{file}: a ```python block is not closed"
     return blocks
 
 
 @dataclass(frozen=True)
 class Run:
-    preamble: str = ""      # what the README says the reader already has
+    preamble: str = ""      # what the page says the reader already has
     epilogue: str = ""      # checks of what the block claims, after it ran
-    continues: tuple[str, str] | None = None   # an earlier block of the same section, run first
+    continues: tuple[str, str, str] | None = None   # an earlier block of the same page, run first
 
 
-LIBRARY = ("The library", "import jax, optax, jlora")
-HF = ("Hugging Face models", "import jax, transformers, jlora")
-PODS = ("Pods: meshes, multi-host, checkpoints", "import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora")
-QLORA = ("QLoRA: LoRA over a quantized frozen base", "import jax, jax.numpy as jnp, optax, jlora")
-BANK = ("Many adapters in one batch: `jlora.bank` and `jlora serve`", "import jax, numpy as np, jlora")
+# docs/: the guides (moved from the README, issue 19)
+LIBRARY = ("docs/library.md", "The library", "import jax, optax, jlora")
+HF = ("docs/hf.md", "Hugging Face models", "import jax, transformers, jlora")
+PODS = ("docs/pods.md", "Pods: meshes, multi-host, checkpoints",
+        "import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora")
+QLORA = ("docs/qlora.md", "QLoRA: LoRA over a quantized frozen base", "import jax, jax.numpy as jnp, optax, jlora")
+BANK = ("docs/banks-and-serving.md", "Many adapters in one batch: `jlora.bank` and `jlora serve`",
+        "import jax, numpy as np, jlora")
 
-BLOCKS: dict[tuple[str, str], Run] = {
+BLOCKS: dict[tuple[str, str, str], Run] = {
     LIBRARY: Run(
         preamble="""
             # The reader's model: a linen model with "query"/"value" projections, its variables,
@@ -144,25 +173,26 @@ BLOCKS: dict[tuple[str, str], Run] = {
 }
 
 # Blocks deliberately not run: key -> reason. Aim: empty.
-SKIPPED: dict[tuple[str, str], str] = {}
+SKIPPED: dict[tuple[str, str, str], str] = {}
 
-# Blocks that do not run as written today because of the README text itself (a section this file
+# Blocks that do not run as written today because of the page's text itself (a section this file
 # does not own): key -> (text the failure must contain, reason). Strict: once the block runs, the
 # test fails until its entry is removed here.
-KNOWN_BROKEN: dict[tuple[str, str], tuple[str, str]] = {}
+KNOWN_BROKEN: dict[tuple[str, str, str], tuple[str, str]] = {}
 
-BLOCK_LIST = python_blocks(README.read_text())
+BLOCK_LIST = [block for page in PAGES for block in python_blocks(page.read_text(), rel(page))]
 
 
 def test_every_python_block_is_covered():
+    assert len(PAGES) > 1, "docs/*.md: no pages found"
     keys = [b.key for b in BLOCK_LIST]
-    assert len(set(keys)) == len(keys), f"two README python blocks share a heading and first line: {keys}"
-    uncovered = [f"README.md:{b.line} [{b.heading}] {b.first}" for b in BLOCK_LIST
+    assert len(set(keys)) == len(keys), f"two python blocks of a page share a heading and first line: {keys}"
+    uncovered = [f"{b.where} [{b.heading}] {b.first}" for b in BLOCK_LIST
                  if b.key not in BLOCKS and b.key not in SKIPPED]
-    assert not uncovered, ("README python blocks neither run nor skipped (add them to BLOCKS in "
+    assert not uncovered, ("python blocks neither run nor skipped (add them to BLOCKS in "
                            f"tests/test_readme.py, or to SKIPPED with a reason): {uncovered}")
     stale = [k for k in (*BLOCKS, *SKIPPED, *KNOWN_BROKEN) if k not in keys]
-    assert not stale, f"entries in tests/test_readme.py for README blocks that no longer exist: {stale}"
+    assert not stale, f"entries in tests/test_readme.py for python blocks that no longer exist: {stale}"
     assert not set(BLOCKS) & set(SKIPPED)
 
 
@@ -171,40 +201,103 @@ def script(block: Block) -> str:
     chain, key = [block], BLOCKS[block.key].continues
     by_key = {b.key: b for b in BLOCK_LIST}
     while key is not None:
-        assert key[0] == block.heading, f"{block.key} continues {key}, a block of another section"
+        assert key[0] == block.file and key in by_key and by_key[key].line < chain[0].line, (
+            f"{block.key} continues {key}: not an earlier block of the same page")
         chain.insert(0, by_key[key])
         key = BLOCKS[key].continues
-    parts = []
+    parts = []   # (name in tracebacks, source, line offset)
     for b in chain:
         run = BLOCKS[b.key]
         if run.preamble:
-            parts.append((f"<preamble of README.md:{b.line}>", textwrap.dedent(run.preamble)))
-        parts.append((f"README.md:{b.line}", b.code))
+            parts.append((f"<preamble of {b.where}>", textwrap.dedent(run.preamble), 0))
+        parts.append((b.where, b.code, b.line - 1))   # line numbers in tracebacks are the page's own
     if BLOCKS[block.key].epilogue:
-        parts.append((f"<epilogue of README.md:{block.line}>", textwrap.dedent(BLOCKS[block.key].epilogue)))
+        parts.append((f"<epilogue of {block.where}>", textwrap.dedent(BLOCKS[block.key].epilogue), 0))
     lines = ["import sys", "namespace = {'__name__': '__main__'}"]
-    for name, source in parts:
-        # line numbers in tracebacks are the README's own: pad the README's code to its line
-        offset = int(name.split(":")[1]) - 1 if name.startswith("README.md:") else 0
+    for name, source, offset in parts:
         lines.append(f"exec(compile({chr(10) * offset + source!r}, {name!r}, 'exec'), namespace)")
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCK_LIST if b.key not in SKIPPED],
-                         ids=lambda b: f"L{b.line}-{re.sub(r'[^A-Za-z0-9]+', '_', b.heading).strip('_')}")
+def _block_id(b: Block) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", f"{b.file.removesuffix('.md')}_L{b.line}_{b.heading}").strip("_")
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCK_LIST if b.key not in SKIPPED], ids=_block_id)
 def test_python_block_runs_as_written(block, tmp_path):
     if block.key not in BLOCKS:
-        pytest.fail(f"README.md:{block.line} [{block.heading}] is not covered: see test_every_python_block_is_covered")
+        pytest.fail(f"{block.where} [{block.heading}] is not covered: see test_every_python_block_is_covered")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     (tmp_path / "block.py").write_text(script(block))
     done = subprocess.run([sys.executable, "block.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     output = (done.stdout + done.stderr)[-6000:]
     if block.key in KNOWN_BROKEN:
         needle, reason = KNOWN_BROKEN[block.key]
-        assert done.returncode != 0, (f"README.md:{block.line} now runs: remove its KNOWN_BROKEN entry "
-                                      "in tests/test_readme.py")
-        assert needle in output, f"README.md:{block.line} fails otherwise than known ({needle!r}):\n{output}"
-        pytest.xfail(f"README.md:{block.line}: {reason}")
-    assert done.returncode == 0, f"README.md:{block.line} [{block.heading}] failed:\n{output}"
+        assert done.returncode != 0, f"{block.where} now runs: remove its KNOWN_BROKEN entry in tests/test_readme.py"
+        assert needle in output, f"{block.where} fails otherwise than known ({needle!r}):\n{output}"
+        pytest.xfail(f"{block.where}: {reason}")
+    assert done.returncode == 0, f"{block.where} [{block.heading}] failed:\n{output}"
+
+
+# --- links -----------------------------------------------------------------------------------------
+
+# Pages a link may name before they exist: path -> who writes them. A listed page that exists is
+# checked like any other.
+PENDING = {"docs/precision.md": "bfloat16 and --dtype auto, written by another engineer (issue 19)"}
+
+LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercased, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())   # a link's text only
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors of a page's headings (a repeated heading's second anchor gets "-1", and so on)."""
+    found, counts = set(), {}
+    for _, line, fence in _lines_outside_fences(text):
+        if fence is None and re.match(r"#{1,6} ", line):
+            base = slug(line.lstrip("#"))
+            n = counts[base] = counts.get(base, -1) + 1
+            found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+def links(text: str) -> list[tuple[int, str]]:
+    """(line, target) of every markdown link and image outside code fences and inline code."""
+    found = []
+    for number, line, fence in _lines_outside_fences(text):
+        if fence is None:
+            prose = re.sub(r"(`+).*?\1", "", line)
+            found += [(number, m.group(1)) for m in LINK.finditer(prose)]
+    return found
+
+
+def test_link_checker_reads_links_and_anchors():
+    text = "# A `jlora.bank` page: QLoRA (issue 13, 2026-12-01)\n## Twice\n## Twice\n```bash\n# not a heading\n```\n"
+    assert anchors(text) == {"a-jlorabank-page-qlora-issue-13-2026-12-01", "twice", "twice-1"}
+    assert links("see [a](x.md#b), ![img](p.png) and `[c](not.md)`\n```\n[d](no.md)\n```\n") == [
+        (1, "x.md#b"), (1, "p.png")]
+
+
+@pytest.mark.parametrize("page", LINKED, ids=rel)
+def test_relative_links_resolve(page):
+    bad = []
+    for line, target in links(page.read_text()):
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", target) or target.startswith("//"):
+            continue   # http(s):, mailto: ...: not checked here
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / unquote(path)).resolve() if path else page
+        where = f"{rel(page)}:{line}: ({target})"
+        if not dest.is_relative_to(ROOT):
+            bad.append(f"{where} points outside the repository")
+        elif not dest.exists():
+            if rel(dest) not in PENDING:
+                bad.append(f"{where} no such file")
+        elif anchor and dest.suffix == ".md" and unquote(anchor) not in anchors(dest.read_text()):
+            bad.append(f"{where} no heading with that anchor in {rel(dest)}")
+    assert not bad, "broken relative links:\n" + "\n".join(bad)
