@@ -129,11 +129,20 @@ def machine_line(info: dict[str, Any]) -> str:
 
 class CpuLoad:
     """``sample()`` returns the CPU time other processes (and the hypervisor's steal) took since the
-    previous call, in cores: 1.0 on a 2-core box means one core's worth of competition."""
+    previous call, in cores: 1.0 on a 2-core box means one core's worth of competition. "Other" is
+    all but this process and the processes ``pids`` (a driver's workers, :mod:`workers`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pids: tuple[int, ...] | list[int] = ()) -> None:
         self.hz = os.sysconf("SC_CLK_TCK")
+        self.pids = tuple(pids)
         self._last = self._read()
+
+    def _pid_cpu(self, pid: int) -> float:
+        try:  # utime and stime: fields 14 and 15, counted after the ")" that closes the command name
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self.hz
+        except (OSError, ValueError, IndexError):
+            return 0.0
 
     def _read(self) -> tuple[float, float, float, float] | None:
         import time
@@ -144,7 +153,7 @@ class CpuLoad:
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         t = os.times()
         return (time.perf_counter(), (user + nice + system + irq + softirq) / self.hz, steal / self.hz,
-                t.user + t.system)
+                t.user + t.system + sum(self._pid_cpu(pid) for pid in self.pids))
 
     def sample(self) -> dict[str, float] | None:
         now = self._read()
@@ -157,12 +166,13 @@ class CpuLoad:
                 "steal_cores": steal / wall}
 
 
-def wait_quiet(below: float, max_wait_s: float, window_s: float = 1.0) -> dict[str, Any]:
-    """Sleep in ``window_s`` windows until other processes took fewer than ``below`` cores over one
-    window, or ``max_wait_s`` passed. Returns ``{"waited_s", "quiet", "other_cores"}`` (the last window's)."""
+def wait_quiet(below: float, max_wait_s: float, window_s: float = 1.0, pids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Sleep in ``window_s`` windows until other processes (all but this one and ``pids``) took fewer
+    than ``below`` cores over one window, or ``max_wait_s`` passed. Returns ``{"waited_s", "quiet",
+    "other_cores"}`` (the last window's)."""
     import time
     start = time.perf_counter()
-    load = CpuLoad()
+    load = CpuLoad(pids)
     while True:
         time.sleep(window_s)
         sample = load.sample()
@@ -172,22 +182,34 @@ def wait_quiet(below: float, max_wait_s: float, window_s: float = 1.0) -> dict[s
             return {"waited_s": waited, "quiet": other < below, "other_cores": other}
 
 
-def matmul_probes(n: int, threads: int | None = None) -> tuple[dict[str, Callable[[], Any]], float]:
-    """``({"xla_matmul": run, "torch_matmul": run}, flops)``: one jitted ``(n, n) @ (n, n)`` float32
-    matmul in XLA, one ``torch.mm`` (on ``threads`` threads), and its ``2 n^3`` FLOPs."""
+def xla_matmul_probe(n: int, dtype: str = "float32") -> Callable[[], Any]:
+    """One jitted ``(n, n) @ (n, n)`` matmul in XLA in ``dtype`` (``2 n^3`` FLOPs a call)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype) for _ in range(2))
+    jmm = jax.jit(jnp.matmul).lower(a, b).compile()
+    return lambda: jmm(a, b)
+
+
+def torch_matmul_probe(n: int, dtype: str = "float32", threads: int | None = None) -> Callable[[], Any]:
+    """One ``torch.mm`` of ``(n, n) @ (n, n)`` in ``dtype`` on ``threads`` threads (``2 n^3`` FLOPs)."""
     import numpy as np
     import torch
     if threads:
         torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    jmm = jax.jit(jnp.matmul).lower(ja, jb).compile()
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    out = torch.empty(n, n)
-    return {"xla_matmul": lambda: jmm(ja, jb), "torch_matmul": lambda: torch.mm(ta, tb, out=out)}, 2.0 * n ** 3
+    ta, tb = (torch.from_numpy(rng.standard_normal((n, n), dtype=np.float32)).to(getattr(torch, dtype))
+              for _ in range(2))
+    out = torch.empty(n, n, dtype=ta.dtype)
+    return lambda: torch.mm(ta, tb, out=out)
+
+
+def matmul_probes(n: int, threads: int | None = None) -> tuple[dict[str, Callable[[], Any]], float]:
+    """``({"xla_matmul": run, "torch_matmul": run}, flops)``: one jitted ``(n, n) @ (n, n)`` float32
+    matmul in XLA, one ``torch.mm`` (on ``threads`` threads), and its ``2 n^3`` FLOPs."""
+    return {"xla_matmul": xla_matmul_probe(n), "torch_matmul": torch_matmul_probe(n, threads=threads)}, 2.0 * n ** 3
 
 
 def header_lines(result: dict[str, Any]) -> list[str]:

@@ -1,16 +1,21 @@
-"""Wall-clock timing of jitted (or torch) steps for the benchmarks: medians, never single shots."""
+"""Wall-clock timing of jitted (or torch) steps for the benchmarks: medians, never single shots.
+
+jax is imported by the functions that time jax calls, not by the module: the two-process drivers
+(workers.py) and the PEFT worker read the summaries here without it."""
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
+
+def _block(x: Any) -> Any:
+    import jax
+    return jax.block_until_ready(x)
 
 
 def median_seconds(run: Callable[[], Any], steps: int, warmup: int = 2,
-                   sync: Callable[[Any], Any] = jax.block_until_ready) -> tuple[float, float]:
+                   sync: Callable[[Any], Any] = _block) -> tuple[float, float]:
     """(first call incl. compile, median of ``steps`` calls after ``warmup``); ``sync`` waits for a result."""
     start = time.perf_counter()
     sync(run())
@@ -33,6 +38,7 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], rounds: int, warmup: i
     the round. ``warmup`` untimed calls each.
     Fast calls get more rounds: at least ``rounds``, and enough to fill about ``min_seconds``
     (at most ``max_rounds``)."""
+    import jax
     for _ in range(max(warmup - 1, 0)):  # the first calls compile
         for run in runs.values():
             jax.block_until_ready(run())
@@ -55,6 +61,8 @@ def compile_train_step(step: Callable, state: Any, opt_state: Any, batch: Any, r
     """Compile ``step(state, opt_state, batch, rest) -> (state, opt_state, loss)`` with the state and
     the optimizer state donated; return ``run()`` (one step on a copy of ``state``, returning the loss)
     and ``{compile_s, memory}`` (XLA's memory analysis: argument / output / alias / temp bytes)."""
+    import jax
+    import jax.numpy as jnp
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state, opt_state, batch, rest).compile()
     compile_s = time.perf_counter() - start
@@ -89,6 +97,7 @@ def alternate(runs: dict[str, Callable[[], Any]], rounds: int, steps: int, warmu
     :meth:`machine.CpuLoad.sample`) is called as each round starts and as it ends, the second result kept.
     Returns ``{"first_s": {name: s}, "rounds": [{name: [s, ...]}], "order": [[name, ...]],
     "load": [sample, ...], "before": [...]}``."""
+    import jax
     first = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -146,6 +155,7 @@ def time_inference(base_fwd: Callable, lora_fwd: Callable, params: Any, lora: An
     (unmerged), timed in turns (:func:`interleaved_times`) on ``(B, T)`` int32 ids for each of
     ``shapes``: median seconds of each, and the ratios as medians of the per-round ratios (paired, so a
     slow spell that hits a whole round cancels out)."""
+    import jax.numpy as jnp
     import jlora
     merged = jlora.merge(params, lora, config)
     out = {}
