@@ -63,15 +63,21 @@ def _train_steps(model: Any, f: Any, tx_lora: Any, tx_full: Any, loss: str, chun
     return {"jlora_lora": lora_step, "jlora_full": full_step}
 
 
-def build_jax(hf_config: Any, spec: dict, loss: str = "fused", chunk_size: int = 1024) -> dict[str, Any]:
+def build_jax(hf_config: Any, spec: dict, loss: str = "fused", chunk_size: int = 1024,
+              dtype: str = "float32") -> dict[str, Any]:
     """The Flax GPT-2 (random init), its jlora LoRA setup, the batch, and the two train steps with
-    their states: ``built["steps"][name] = (step, state, tx, rest)``."""
+    their states: ``built["steps"][name] = (step, state, tx, rest)``. ``dtype``: the model's compute
+    dtype; in bfloat16 the LoRA step's frozen base is also stored in bf16 (adapters, their Adam state
+    and the full fine-tune's params stay float32: master weights), the same init either way."""
     import transformers as tf
-    model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0)
+    model = tf.FlaxGPT2LMHeadModel(hf_config, seed=0, dtype=jnp.dtype(dtype))
     params = model.params
     config = jlora.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=("c_attn",), fan_in_fan_out=True)
     lora = jlora.init(jax.random.key(0), params, config)
     trainable, frozen = jlora.split(params, lora, config)
+    if dtype != "float32":
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                        frozen)
     f = jlora.apply(model, config)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, hf_config.vocab_size, (spec["batch"], spec["seq"])),
                       jnp.int32)
