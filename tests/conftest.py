@@ -25,8 +25,12 @@ OPTIONAL = ("torch", "peft")
 NEEDS_TORCH = {  # node id (prefix) -> what needs torch
     "test_hf_transformers5.py": "transformers 5 loads the exports in PyTorch",
     "test_scripts.py::test_causal_lm_example": "the example checks PyTorch's generation against Flax",
-    "test_scripts.py::test_compare_peft_runner_on_a_tiny_config": "the benchmark runs PEFT",
-    "test_scripts.py::test_sft_step_benchmark_on_a_tiny_config": "the benchmark runs PEFT",
+    # the benchmarks run their PEFT side in .venv-peft's interpreter where it exists (benchmarks/setup-peft.sh),
+    # and need no torch here then; else in this one (tests/test_scripts.py: peft_python)
+    **({} if os.path.exists(os.path.join(os.path.dirname(__file__), "..", ".venv-peft", "bin", "python")) else {
+        "test_scripts.py::test_compare_peft_runner_on_a_tiny_config": "the benchmark runs PEFT",
+        "test_scripts.py::test_main_job_step_benchmark_on_a_tiny_bert": "the benchmark runs PEFT",
+        "test_scripts.py::test_sft_step_benchmark_on_a_tiny_config": "the benchmark runs PEFT"}),
 }
 
 

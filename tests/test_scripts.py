@@ -1,10 +1,14 @@
 """Smoke tests: the examples and benchmarks run and write what they say (tiny settings)."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PEFT_VENV = ROOT / ".venv-peft" / "bin" / "python"  # the benchmarks' PEFT side (benchmarks/setup-peft.sh)
 
 
 def run(*args, timeout=600):
@@ -45,41 +49,88 @@ def test_causal_lm_example(tmp_path):
     assert "held-out perplexity after 2 steps" in out and (tmp_path / "clm" / "merged" / "tokenizer.json").is_file()
 
 
+def peft_python():
+    """The PEFT side's interpreter for the two-process benchmarks: .venv-peft (benchmarks/setup-peft.sh) when it
+    exists, else this interpreter if it has torch and peft (CI's lowest set), else the test is skipped."""
+    if PEFT_VENV.exists():
+        return PEFT_VENV
+    if all(importlib.util.find_spec(name) is not None for name in ("torch", "peft")):
+        return sys.executable
+    pytest.skip(f"no PEFT interpreter: {PEFT_VENV} does not exist (bash benchmarks/setup-peft.sh) and this "
+                "interpreter has no torch/peft")
+
+
+def side_by_side(script, out, *args):
+    """A benchmark's tiny run, the jlora side in this interpreter and the PEFT side in :func:`peft_python`."""
+    return run(ROOT / "benchmarks" / script, *args, "--rounds", "2", "--steps", "1", "--pause", "0.05",
+               "--peft-python", peft_python(), "--out", out)
+
+
+def check_side_by_side(result, out, dtypes):
+    """What every two-process run reports: both sides' machines, per-dtype ratios, the same step on both sides."""
+    assert "jlora LoRA fp32 / PEFT LoRA fp32 step time" in out and "pause before each turn 0.05 s" in out
+    machine = result["machine"]
+    assert machine["jlora"]["versions"]["jax"] and machine["peft"]["versions"]["peft"]
+    assert machine["jlora"]["cpu"]["model_name"] == machine["peft"]["cpu"]["model_name"]
+    runs = result["runs"]
+    assert all(r["step_s"] > 0 and len(r["round_s"]) == 2 for r in runs.values())
+    assert result["ratios"]["jlora_lora:float32/peft_lora:float32"]["rounds"] == 2
+    assert runs["peft_lora:float32"]["memory_after"]["tensors"]["total"] > 0
+    assert runs["jlora_lora:float32"]["memory"]["temp"] > 0
+    checks = {(e["jlora"], e["peft"]): e for e in result["equivalence"]}
+    assert ("jlora_lora:float32", "peft_lora:float32") in checks
+    for e in checks.values():
+        assert e["jlora_trainable"] == e["torch_trainable"] > 0 and e["relative_diff"] <= e["rtol"]
+    if "bfloat16" in dtypes:
+        assert {"peft_lora:bfloat16-weights", "peft_lora:bfloat16-autocast"} <= set(runs)
+        assert result["peft_bf16"] in runs
+        assert runs["peft_lora:bfloat16-weights"]["weights_dtypes"] == ["torch.bfloat16", "torch.float32"]
+        if "jlora_lora:bfloat16" in runs:  # the CLI's dtype option; else the reason is reported
+            assert f"jlora_lora:bfloat16/{result['peft_bf16']}" in result["ratios"]
+            assert runs["jlora_lora:bfloat16"]["of_matmul"]["median"] > 0  # against the bf16 matmul probe
+        else:
+            assert "bfloat16" in result["unsupported"]
+    return runs
+
+
 def test_compare_peft_runner_on_a_tiny_config(tmp_path):
-    out = run(ROOT / "benchmarks" / "compare_peft.py", "--workload", "tiny", "--steps", "2", "--vocab", "512",
-              "--rss", "--out", tmp_path)
+    out = side_by_side("compare_peft.py", tmp_path, "--workload", "tiny", "--vocab", "512", "--rss")
     result = json.loads((tmp_path / "compare_peft_tiny.json").read_text())
-    assert "ratios: jlora-LoRA / PEFT-LoRA" in out
-    assert result["torch"]["peft_lora"]["trainable"] == 2 * (64 * 8 + 8 * 192)  # r=8 on c_attn, 2 layers
-    assert result["jax"]["bytes"]["trainable"] == 4 * result["torch"]["peft_lora"]["trainable"]
-    for variant in ("jlora_lora", "jlora_full"):
-        assert result["jax"][variant]["step_s"] > 0 and result["jax"][variant]["memory"]["argument"] > 0
+    runs = check_side_by_side(result, out, ("float32", "bfloat16"))
+    assert "jlora LoRA fp32 / jlora full fp32 step time" in out
+    assert runs["peft_lora:float32"]["trainable"] == 2 * (64 * 8 + 8 * 192)  # r=8 on c_attn, 2 layers
+    assert result["bytes"]["trainable"] == 4 * runs["peft_lora:float32"]["trainable"]
+    for variant in ("jlora_lora:float32", "jlora_full:float32", "jlora_lora:bfloat16"):
+        assert runs[variant]["memory"]["argument"] > 0
+    assert set(runs) == {"jlora_lora:float32", "jlora_full:float32", "peft_lora:float32", "torch_full:float32",
+                         "jlora_lora:bfloat16", "peft_lora:bfloat16-weights", "peft_lora:bfloat16-autocast"}
     rss = result["peak_rss_mib"]
-    assert set(rss) == {"none", "jlora_lora", "jlora_full", "peft_lora", "torch_full"}
-    assert all(rss[v] > rss["none"] for v in ("jlora_lora", "jlora_full", "peft_lora", "torch_full"))
+    assert set(rss) == {"jlora_imports", "peft_imports", "jlora_lora", "jlora_full", "peft_lora", "torch_full"}
+    assert all(rss[v] > rss[f"{'jlora' if v.startswith('jlora') else 'peft'}_imports"]
+               for v in ("jlora_lora", "jlora_full", "peft_lora", "torch_full"))
+    assert set(result["inference"]) == {"1x32", "2x64"}
 
 
 def test_main_job_step_benchmark_on_a_tiny_bert(tmp_path):
-    out = run(ROOT / "benchmarks" / "main_job_step.py", "--tiny", "--rounds", "2", "--steps", "1", "--out", tmp_path)
+    out = side_by_side("main_job_step.py", tmp_path, "--tiny")
     result = json.loads((tmp_path / "main_job_step.json").read_text())
-    assert "jlora / PEFT step time" in out
-    assert result["jlora_lora"]["step_s"] > 0 and result["peft_lora"]["step_s"] > 0
-    ratio = result["alternation"]["ratios"]["jlora_lora/peft_lora"]
-    assert ratio["rounds"] == 2 and ratio["median"] > 0
-    assert result["jlora_lora"]["trainable"] == result["peft_lora"]["trainable"] > 0
+    runs = check_side_by_side(result, out, ("float32", "bfloat16"))
+    assert "| examples/s (median step) |" in out
+    assert runs["jlora_lora:float32"]["trainable"] == 2 * 2 * (64 * 8 + 8 * 64) + 64 * 5 + 5  # q, v + classifier
 
 
 def test_sft_step_benchmark_on_a_tiny_config(tmp_path):
-    out = run(ROOT / "benchmarks" / "sft_step.py", "--tiny", "--rounds", "1", "--steps", "1", "--out", tmp_path)
+    out = side_by_side("sft_step.py", tmp_path, "--tiny", "--dtype", "float32")
     result = json.loads((tmp_path / "sft_step.json").read_text())
-    assert "jlora / PEFT step time" in out and "| tokens/s (non-padding, median step) |" in out
-    assert result["jlora_lora"]["step_s"] > 0 and result["peft_lora"]["step_s"] > 0
-    same = result["equivalence"]  # the same step: both losses at the initial (lora_b = 0) adapter
-    assert abs(same["jlora_loss"] - same["torch_loss"]) <= 1e-4 * same["torch_loss"] and same["torch_loss"] > 1
-    assert same["packed_logits_max_abs_diff"] <= 2e-3
+    runs = check_side_by_side(result, out, ("float32",))
+    assert "| tokens (non-padding)/s (median step) |" in out
+    assert set(runs) == {"jlora_lora:float32", "peft_lora:float32"}
+    same = result["equivalence"][0]  # the same step: both losses at the initial (lora_b = 0) adapter
+    assert abs(same["jlora_loss0"] - same["torch_loss0"]) <= 1e-4 * same["torch_loss0"] and same["torch_loss0"] > 1
+    assert runs["peft_lora:float32"]["packed_logits_max_abs_diff"] <= 2e-3
     q, v = 64 * 8 + 8 * 64, 64 * 8 + 8 * 32  # r=8 on q_proj (64 -> 64) and v_proj (64 -> 32: 2 kv heads of 16)
-    assert result["jlora_lora"]["trainable"] == result["peft_lora"]["trainable"] == 2 * (q + v)
-    assert result["jlora_lora"]["peak_bytes"] > 0 and result["peft_lora"]["peak_bytes"] > 0
+    assert runs["jlora_lora:float32"]["trainable"] == runs["peft_lora:float32"]["trainable"] == 2 * (q + v)
+    assert runs["jlora_lora:float32"]["peak_bytes"] > 0
 
 
 def test_adapter_bank_benchmark_quick(tmp_path):
