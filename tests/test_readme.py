@@ -91,6 +91,24 @@ class Run:
     continues: tuple[str, str, str] | None = None   # an earlier block of the same page, run first
 
 
+# README.md: one example per verb, each block continuing the one before it (the quantize block
+# continues the generate one directly: it needs none of the bank block's names).
+R_INIT = ("README.md", "`LoraConfig`, `init`, `apply`, `make_plan`",
+          "import jax, jax.numpy as jnp, optax, flax.linen as nn, jlora")
+R_TRAIN = ("README.md", "`split`, `optimizer`, `make_train_step`",
+           "trainable, frozen = jlora.split(params, lora, config)  # the adapters train; the base stays frozen")
+R_MERGE = ("README.md", "`merge`, `unmerge`, `count`",
+           "merged = jlora.merge(frozen, trainable, config)        # W + (α/r)·A@B: plain params, served without jlora")
+R_CKPT = ("README.md", "`AdapterCheckpointer`",
+          'with jlora.AdapterCheckpointer("ckpt", config, frozen) as ckpt:   # orbax; the base is only fingerprinted')
+R_HF = ("README.md", "Hugging Face: `hf.export_merged`, `hf.save_peft`, `hf.load_peft`",
+        "import jax, numpy as np, transformers, jlora")
+R_GENERATE = ("README.md", "`generate`", "prompts = np.array([[464, 329, 318], [40, 588, 257]], np.int32)")
+R_BANK = ("README.md", "`bank`, `weighted_adapter`",
+          "adapters = [(jlora.init(jax.random.key(i), model.params, config), config) for i in range(3)]")
+R_QUANTIZE = ("README.md", "`quantize` (QLoRA)",
+              "qparams = jlora.quantize(model.params, \"nf4\")          # QLoRA's frozen base: the blocks' kernels in 4 bits")
+
 # docs/: the guides (moved from the README, issue 19)
 LIBRARY = ("docs/library.md", "The library", "import jax, optax, jlora")
 HF = ("docs/hf.md", "Hugging Face models", "import jax, transformers, jlora")
@@ -101,6 +119,71 @@ BANK = ("docs/banks-and-serving.md", "Many adapters in one batch: `jlora.bank` a
         "import jax, numpy as np, jlora")
 
 BLOCKS: dict[tuple[str, str, str], Run] = {
+    R_INIT: Run(
+        epilogue="""
+            import numpy as np
+            assert lora["params"]["query"]["lora_a"].shape == (16, 4), lora["params"]["query"]["lora_a"].shape
+            assert lora["params"]["query"]["lora_b"].shape == (4, 32) and "head" not in lora["params"]
+            np.testing.assert_allclose(y, model.apply(params, x), rtol=1e-6, atol=1e-6)   # lora_b == 0: the base
+        """),
+    R_TRAIN: Run(
+        continues=R_INIT,
+        epilogue="""
+            start, _ = jlora.split(params, jlora.init(jax.random.key(1), params, config), config)
+            assert float(loss) < 0.5 * float(loss_fn(start, frozen, batch)), float(loss)      # it trained
+            assert set(trainable["params"]) == {"query", "value"}                           # adapters only
+        """),
+    R_MERGE: Run(
+        continues=R_TRAIN,
+        epilogue="""
+            import numpy as np
+            np.testing.assert_allclose(model.apply(merged, x), f(frozen, trainable, x), rtol=1e-5, atol=1e-5)
+            assert not np.allclose(merged["params"]["query"]["kernel"], params["params"]["query"]["kernel"])
+            np.testing.assert_allclose(base["params"]["query"]["kernel"], params["params"]["query"]["kernel"],
+                                       atol=1e-6)
+        """),
+    R_CKPT: Run(
+        continues=R_MERGE,
+        epilogue="""
+            import os, numpy as np
+            assert step == 20 and os.listdir("ckpt") == ["20"], os.listdir("ckpt")
+            np.testing.assert_allclose(model.apply(jlora.merge(frozen, trainable, config), x), model.apply(merged, x),
+                                       rtol=1e-6, atol=1e-6)          # the trained adapters, restored
+        """),
+    R_HF: Run(
+        epilogue="""
+            import os
+            assert os.path.exists("out/merged/config.json") and os.path.exists("out/adapter/adapter_config.json")
+            # back in PEFT's form (per-slice q, v adapters as one rank-2r c_attn adapter): the same weights
+            first = jlora.hf.default_config(model, r=4)
+            merged = jlora.merge(model.params, jlora.init(jax.random.key(0), model.params, first), first)
+            jax.tree.map(np.testing.assert_array_equal, merged, jlora.merge(model.params, lora, config))
+        """),
+    R_GENERATE: Run(
+        continues=R_HF,
+        epilogue="""
+            assert tokens.shape == (2, 8), tokens.shape
+            alone = jlora.generate(model, jlora.merge(model.params, lora, config), prompts, max_new_tokens=8)
+            np.testing.assert_array_equal(tokens, alone)                        # unmerged == merged
+        """),
+    R_BANK: Run(
+        continues=R_GENERATE,
+        epilogue="""
+            from jlora.generate import BANKED, _compiled
+            merged2 = jlora.merge(model.params, *adapters[2])
+            np.testing.assert_array_equal(tokens[0], jlora.generate(model, merged2, prompts[:1], max_new_tokens=8)[0])
+            np.testing.assert_array_equal(tokens[1], jlora.generate(model, model.params, prompts[1:], max_new_tokens=8)[0])
+            jlora.generate(model, model.params, prompts, max_new_tokens=8, bank=bank, adapter_ids=np.array([3, 0]))
+            assert _compiled(model, BANKED)._cache_size() == 1                  # put: nothing recompiled
+        """),
+    R_QUANTIZE: Run(
+        continues=R_GENERATE,
+        epilogue="""
+            kernel = qparams["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+            assert jlora.is_quantized(kernel) and not jlora.is_quantized(qparams["transformer"]["wte"]["embedding"])
+            assert jlora.base_bytes(qparams) < 0.7 * jlora.base_bytes(model.params)
+            assert logits.shape == (2, 3, 1000) and bool(np.isfinite(logits).all())
+        """),
     LIBRARY: Run(
         preamble="""
             # The reader's model: a linen model with "query"/"value" projections, its variables,
