@@ -202,7 +202,9 @@ def build_sft(dtype: str, dir: str, tiny: bool = False, batch: int = 4, seq_len:
         def run(box=box, compiled=compiled, frozen=frozen):
             box["t"], box["o"], loss = compiled(box["t"], box["o"], frozen, data)
             return loss
-        mem = info["memory"]
+        mem, c = info["memory"], this.model.config
+        # torch's FLOP count applies the (frozen) head at all b*s positions, forward + dX: jlora at `cap` only
+        info["flops_delta"] = -4.0 * (data["input_ids"].size - cap) * c.hidden_size * c.vocab_size if cap else 0.0
         info.update(trainable=count(trainable), loss0=float(compiled(trainable, opt_state, frozen, data)[2]),
                     dtypes={"trainable": leaf_dtypes(trainable), "frozen": leaf_dtypes(frozen)},
                     options_dtype=options.dtype, quantize=quantize if variant == "jlora_qlora" else None,

@@ -146,6 +146,7 @@ def finish(name: str, run: Any, model: Any, opt: Any, inputs: list, loss0: float
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info = {"trainable": trainable, "loss0": loss0, **count_flops(run, *flops_shape),
             "weights_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+            "frozen_dtypes": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
             "trainable_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}),
             "attn_implementation": getattr(model.config, "_attn_implementation", None), **(extra or {})}
     RUNS[name] = run

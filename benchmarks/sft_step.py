@@ -22,8 +22,8 @@ faster being "PEFT bf16". Checked first (else it fails): trainable counts equal,
 examples' alone (float32), initial losses equal to 1e-4 relative (float32; 3e-2 in bf16). Then the steps and a
 matmul probe per side and dtype are alternated (``workers.alternate``, ``--pause`` s before each turn) and
 reported as in ``main_job_step.py``: jlora/PEFT per-round ratios in each dtype (all, quiet rounds), median step,
-tokens/s (non-padding), FLOPs (torch FlopCounterMode + attention by hand: SDPA's CPU kernel is not counted) and
-GFLOP/s, the share of the same side's same-dtype matmul; memory: XLA's compiled analysis of the jlora step
+tokens/s (non-padding), FLOPs (torch FlopCounterMode + attention by hand: SDPA's CPU kernel is not counted; for
+jlora less the head at the positions its ``targets_cap`` skips, 4 (b s - K) d V) and GFLOP/s, the share of the same side's same-dtype matmul; memory: XLA's compiled analysis of the jlora step
 (arguments + temps + outputs), torch's peak live tensor bytes in a step (process RSS would hide allocator caches;
 each worker's peak RSS is printed beside it). ``--quantize FMT``: also the CLI's step over the base quantized as
 ``jlora finetune --quantize FMT`` does (jlora side), alternated with the others (its ratio to the LoRA step per

@@ -16,7 +16,8 @@ main_job_step.py, sft_step.py and compare_peft.py (GPT-2 workloads) run the same
    the order rotated each round, ``--pause`` s of sleep before each turn; per round the CPU that other
    processes took (all but the driver and its two workers), and before each round ``--wait-quiet``;
 5. reported: per run median step and min-max of the round medians, the step FLOPs (torch's count, the
-   same for both frameworks) per second and as a share of the same side's same-dtype matmul in the same
+   same for both frameworks, less what jlora's step skips: ``flops_delta``, the SFT head applied at the
+   target positions only) per second and as a share of the same side's same-dtype matmul in the same
    round; per-round ratios jlora / PEFT in each dtype (median, min-max, over all and over the quiet
    rounds), bf16 / fp32 on each side, XLA / torch matmul; memory (XLA's compiled memory analysis;
    torch's live tensors in one step); each worker's machine line (CPU model, flags, threads, versions).
@@ -173,6 +174,7 @@ def measure(s: Session, built: dict[str, Any], extra_ratios: tuple = ()) -> dict
         info, per_round = runs[name], round_medians(alt, name)
         probe = mm[f"{'xla' if side_of(name) == 'jlora' else 'torch'}_matmul:{precision.split('-')[0]}"]
         flops = flops_of.get(torch_twin(variant))
+        flops = flops + info.get("flops_delta", 0.0) if flops else flops  # e.g. the SFT head at the targets only
         mem = s.workers[side_of(name)].call("memory", name=name)
         r = {**info, "side": side_of(name), "variant": variant, "precision": precision, "first_s": alt["first_s"][name],
              "step_s": statistics.median(per_round), "round_s": per_round, "step_s_min": min(per_round),
@@ -229,6 +231,12 @@ def table_lines(result: dict, workload_line: str, per_step: tuple[str, float] | 
             return f"XLA {mib(m.get('argument'))} + {mib(m.get('temp'))} + {mib(m.get('output'))}" if m else "n/a"
         t = r["memory_after"]["tensors"]
         return f"tensors {mib(t['total'])} ({mib(t['existing'])} + {mib(t['step_peak'])})"
+    def stored(r: dict) -> str:
+        short = lambda ds: "+".join(sorted(d.replace("torch.", "").replace("bfloat", "bf").replace("float", "fp")  # noqa: E731
+                                           for d in ds)) or "–"
+        if r["side"] == "jlora":
+            return f"{short(r['dtypes']['frozen'])} / {short(r['dtypes']['trainable'])}"
+        return f"{short(r['frozen_dtypes'])} / {short(r['trainable_dtypes'])}"
     m = result["machine"]
     lines = [f"jlora side: {machine_line(m['jlora'])}", f"PEFT side: {machine_line(m['peft'])}",
              f"load (/proc/loadavg) before: {m['loadavg_before']}; after: {m['loadavg_after']}", workload_line,
@@ -237,6 +245,7 @@ def table_lines(result: dict, workload_line: str, per_step: tuple[str, float] | 
                f"loss at the initial adapter {e['jlora_loss0']:.6f} / {e['torch_loss0']:.6f} (relative "
                f"{e['relative_diff']:.1e}, rtol {e['rtol']:g})" for e in result["equivalence"]),
              "| train step | " + " | ".join(label(n) for n in names) + " |", "|" + " --- |" * (len(names) + 1),
+             md_row("params stored in: frozen / trainable", cell(stored)),
              md_row(f"median step (s) (min–max of round medians), {alt['rounds']} x {alt['steps_per_round']}",
                     cell(lambda r: f"{r['step_s']:.3f} ({r['step_s_min']:.3f}–{r['step_s_max']:.3f})")),
              *([md_row(f"{per_step[0]}/s (median step)", cell(lambda r: f"{per_step[1] / r['step_s']:.0f}"))]
@@ -244,7 +253,7 @@ def table_lines(result: dict, workload_line: str, per_step: tuple[str, float] | 
              md_row("XLA compile (s); first call (s)",
                     cell(lambda r: f"{r['compile_s']:.1f}; {r['first_s']:.2f}" if "compile_s" in r else
                          f"–; {r['first_s']:.2f}")),
-             md_row("step GFLOP: matmuls (torch count + attention); XLA's count",
+             md_row("step GFLOP: matmuls (torch count + attention, less what jlora skips); XLA's count",
                     cell(lambda r: (f"{r['step_flops'] / 1e9:.1f}" if r["step_flops"] else "n/a") +
                          (f"; {x / 1e9:.1f}" if (x := r.get("xla_flops") or r.get("xla_flops_plain_loss")) else ""))),
              md_row("GFLOP/s, median (min–max)", cell(lambda r: spread(r["flop_per_s"], ".0f", 1e9))),
