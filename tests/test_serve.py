@@ -177,6 +177,8 @@ def test_the_command_serves_until_stopped(tiny_model, adapters):  # noqa: F811
     (["--adapter", "a=/nonexistent"], "no adapter_config.json"),
     (["--max-prompt-tokens", "300"], r"\(300\) \+ --max-new-tokens \(3\) exceeds the model's 256 positions"),
     (["--port", "TAKEN"], "cannot listen there"),
+    (["--batch-wait-ms", "nan"], r"--batch-wait-ms: expected a finite number >= 0, got nan"),
+    (["--batch-wait-ms", "-5"], r"--batch-wait-ms: expected a finite number >= 0, got -5.0"),
 ])
 def test_the_command_refuses_bad_flags(tiny_model, flags, match):  # noqa: F811
     import socket
@@ -232,12 +234,59 @@ def _raw(url, request_bytes):
      "Content-Length"),
     (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n\xff\xfe{}\x00\x00\x00\x00\x00", 400,
      "not valid JSON"),
+    (b"GET /health please HTTP/1.1\r\nHost: x\r\n\r\n", 400, "Bad request syntax"),  # http.server's own: JSON too
 ])
 def test_malformed_http_gets_a_4xx(server, request_bytes, status, match):
     url, _ = server
     got, error = _raw(url, request_bytes)
     assert got == status and match in error, error
     assert _call(f"{url}/health") == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS", "HEAD", "BREW"])
+def test_unsupported_methods_get_a_json_405_naming_the_allowed_ones(server, method):
+    url, _ = server
+    for path, allowed in (("/generate", "POST"), ("/adapters", "GET, POST"), ("/adapters/q_v", "DELETE")):
+        request = urllib.request.Request(url + path, data=b"{}" if method in ("PUT", "PATCH") else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        reply = caught.value
+        assert reply.code == 405 and reply.headers["Allow"] == allowed
+        assert reply.headers["Content-Type"] == "application/json"
+        if method != "HEAD":  # a reply to HEAD has no body
+            assert json.loads(reply.read()) == {"error": f"{method} is not allowed on {path}; allowed: {allowed}"}
+    request = urllib.request.Request(url + "/nope", data=b"{}", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 404 and "no such endpoint /nope" in json.loads(caught.value.read())["error"]
+    assert _call(f"{url}/generate", "GET") == (405, {"error": "GET is not allowed on /generate; allowed: POST"})
+
+
+def test_a_client_that_hangs_up_is_dropped_quietly(server, capfd):
+    import socket
+    import struct
+    import time
+    url, state = server
+    host, port = url.split("//")[1].split(":")
+
+    def hang_up(request_bytes):  # send, then close with a reset (SO_LINGER 0), as a killed client does
+        sock = socket.create_connection((host, int(port)), timeout=60)
+        sock.sendall(request_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    body = json.dumps({"prompt": "Hello", "max_new_tokens": 2}).encode()
+    rows = state.stats["rows"]
+    hang_up(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    hang_up(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"prompt\"")  # mid-body
+    deadline = time.time() + 120
+    while state.stats["rows"] == rows and time.time() < deadline:  # the dropped request was still generated
+        time.sleep(0.05)
+    time.sleep(1.0)  # its reply written to the closed socket
+    assert _call(f"{url}/health") == (200, {"status": "ok"})
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err and "BrokenPipe" not in printed.err and "ConnectionReset" not in printed.err, \
+        printed.err
 
 
 def test_a_queued_request_sees_its_adapter_deleted_or_replaced(server, lm, adapters):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -249,6 +250,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     for flag in ("slots", "rank", "max_batch", "max_prompt_tokens", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
+    if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
+        raise ValueError(f"--batch-wait-ms: expected a finite number >= 0, got {args.batch_wait_ms}")
     if len(adapters) > args.slots:
         raise ValueError(f"--adapter: {len(adapters)} adapters do not fit --slots {args.slots}")
     targets = tuple(t for t in args.targets.split(",") if t)

@@ -22,7 +22,8 @@ bucket, and adding, replacing or deleting adapters never recompiles.
 
 Bad requests get a 4xx with ``{"error": message}`` and the server keeps serving: malformed JSON,
 wrong fields (400), unknown adapter or path (404), a prompt longer than ``max_prompt_tokens`` (413),
-an adapter name taken or no free slot (409).
+an adapter name taken or no free slot (409), a method an endpoint does not take (405, with the allowed
+ones in ``Allow``; PUT, PATCH, HEAD, ... included). A client that hangs up is dropped quietly.
 """
 from __future__ import annotations
 

@@ -11,6 +11,13 @@ from typing import Any
 
 from jlora.app.serve import MAX_BODY, AdapterServer, RequestError, ServeOptions
 
+ALLOWED = {"/health": ("GET",), "/stats": ("GET",), "/adapters": ("GET", "POST"), "/generate": ("POST",)}
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods an endpoint takes (``DELETE`` for ``/adapters/NAME``); None: no such endpoint."""
+    return ("DELETE",) if path.startswith("/adapters/") else ALLOWED.get(path)
+
 
 def make_handler(server: AdapterServer) -> type[BaseHTTPRequestHandler]:
     """The request handler class over ``server`` (JSON in and out, 4xx with ``{"error": ...}``)."""
@@ -22,13 +29,36 @@ def make_handler(server: AdapterServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per error only
             pass
 
-        def _reply(self, status: int, body: dict[str, Any]) -> None:
+        def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            if getattr(self, "command", None) != "HEAD":  # a reply to HEAD has headers only
+                self.wfile.write(data)
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except ConnectionError:  # the client hung up (BrokenPipe, ConnectionReset): its request is dropped
+                self.close_connection = True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own errors as JSON too: a method without a handler (PUT, PATCH, HEAD, ...) is a
+            405 naming the allowed ones (404 off the endpoints); a malformed request line or header, its 4xx."""
+            headers = {"Connection": "close"}  # the rest of the request is not read
+            if code == 501 and self.command:
+                path = self.path.split("?", 1)[0].rstrip("/") or "/"
+                allowed = allowed_methods(path)
+                if allowed is None:
+                    code, message = 404, f"no such endpoint {path}; try POST /generate, GET /adapters, POST /adapters"
+                else:
+                    code, message = 405, f"{self.command} is not allowed on {path}; allowed: {', '.join(allowed)}"
+                    headers["Allow"] = ", ".join(allowed)
+            self._reply(code, {"error": message or self.responses.get(code, ("error",))[0]}, headers)
 
         def _body(self) -> dict[str, Any]:
             if "Content-Length" not in self.headers:
@@ -56,15 +86,20 @@ def make_handler(server: AdapterServer) -> type[BaseHTTPRequestHandler]:
             return body
 
         def _handle(self, method: str) -> None:
+            headers: dict[str, str] = {}
             try:
                 status, body = self._route(method)
             except RequestError as err:
                 status, body = err.status, {"error": str(err)}
                 if status in (408, 411, 413):
                     self.close_connection = True  # the rest of the body is not read
+                if status == 405:
+                    headers["Allow"] = ", ".join(allowed_methods(self.path.split("?", 1)[0].rstrip("/")) or ())
+            except ConnectionError:  # the client hung up while its body was read: nobody to answer
+                raise
             except Exception as err:  # noqa: BLE001  (a server error, reported; the server keeps serving)
                 status, body = 500, {"error": f"{type(err).__name__}: {err}"}
-            self._reply(status, body)
+            self._reply(status, body, headers)
 
         def _route(self, method: str) -> tuple[int, dict[str, Any]]:
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -93,9 +128,9 @@ def make_handler(server: AdapterServer) -> type[BaseHTTPRequestHandler]:
                 future = server.submit(body.get("prompt"), body.get("adapter"), body.get("max_new_tokens"))
                 tokens, text = future.result(timeout=600)
                 return 200, {"completion": text, "tokens": tokens, "adapter": body.get("adapter")}
-            known = {"/health", "/stats", "/adapters", "/generate"}
-            if path in known or path.startswith("/adapters/"):
-                raise RequestError(405, f"{method} is not allowed on {path}")
+            allowed = allowed_methods(path)
+            if allowed is not None:
+                raise RequestError(405, f"{method} is not allowed on {path}; allowed: {', '.join(allowed)}")
             raise RequestError(404, f"no such endpoint {path}; try POST /generate, GET /adapters, POST /adapters")
 
         def do_GET(self) -> None:  # noqa: N802
