@@ -158,7 +158,8 @@ def unmerge(merged: Tree, lora: Tree, config: LoraConfig, *, model: Any = None, 
     """
     quantized = next(((p, leaf) for p, leaf in flatten(merged).items() if is_quantized(leaf)), None)
     if quantized is not None:
-        raise ValueError(f"jlora.unmerge: {key_path_str(quantized[0])!r} is a quantized kernel ({quantized[1].format}): "
+        path, leaf = quantized
+        raise ValueError(f"jlora.unmerge: {key_path_str(path)!r} is a quantized kernel ({leaf.format}): "
                          "merged must be a merged float model, and jlora.merge over a quantized base returns a float "
                          "model, never a quantized one; unmerge what jlora.merge returned, or use the quantized base "
                          "as it is (it holds no adapter)")

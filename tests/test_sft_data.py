@@ -69,7 +69,8 @@ def test_a_truncated_row_is_reported_at_its_own_line_and_column(tmp_path):
 
 def test_files_that_are_not_utf8_are_named_file_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n' * 3 + '{"prompt": "caf\u00e9", "completion": "b"}\n'.encode("latin-1"))
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n' * 3
+                     + '{"prompt": "caf\u00e9", "completion": "b"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=re.escape(f"{path}:4: not UTF-8 (byte 0xe9 at column 16")):
         read_jsonl(path)
     text = tmp_path / "latin1.txt"

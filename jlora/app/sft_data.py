@@ -97,8 +97,9 @@ def read_jsonl(path: str | Path) -> list[SftExample]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                cut = err.pos >= len(line) or err.msg.startswith("Unterminated string")
-                end = (", the end of the line" if err.pos >= len(line) else "") + (": is the row cut short?" if cut else "")
+                at_end = err.pos >= len(line)
+                cut = at_end or err.msg.startswith("Unterminated string")
+                end = (", the end of the line" if at_end else "") + (": is the row cut short?" if cut else "")
                 raise ValueError(f"{origin}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno}{end})"
                                  ) from None
             if not isinstance(row, dict):
