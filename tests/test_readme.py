@@ -117,8 +117,19 @@ PODS = ("docs/pods.md", "Pods: meshes, multi-host, checkpoints",
 QLORA = ("docs/qlora.md", "QLoRA: LoRA over a quantized frozen base", "import jax, jax.numpy as jnp, optax, jlora")
 BANK = ("docs/banks-and-serving.md", "Many adapters in one batch: `jlora.bank` and `jlora serve`",
         "import jax, numpy as np, jlora")
+PRECISION = ("docs/precision.md", "What bfloat16 means here", "import jax, jax.numpy as jnp, flax.linen as nn, jlora")
 
 BLOCKS: dict[tuple[str, str, str], Run] = {
+    PRECISION: Run(
+        epilogue="""
+            from jlora.precision import has_fast_bf16
+            assert dtype == ("bfloat16" if has_fast_bf16() else "float32"), dtype
+            leaves = jax.tree_util.tree_leaves
+            assert all(x.dtype == jnp.dtype(dtype) for x in leaves(frozen)), [x.dtype for x in leaves(frozen)]
+            assert all(x.dtype == jnp.float32 for x in leaves(lora) + leaves(grads))
+            assert f(frozen, lora, x).dtype == jnp.dtype(dtype) and jnp.isfinite(loss_fn(lora))
+            assert any(float(jnp.abs(g).max()) > 0 for g in leaves(grads))
+        """),
     R_INIT: Run(
         epilogue="""
             import numpy as np
@@ -328,7 +339,7 @@ def test_python_block_runs_as_written(block, tmp_path):
 
 # Pages a link may name before they exist: path -> who writes them. A listed page that exists is
 # checked like any other.
-PENDING = {"docs/precision.md": "bfloat16 and --dtype auto, written by another engineer (issue 19)"}
+PENDING: dict[str, str] = {}
 
 LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
