@@ -70,6 +70,71 @@ def test_ctrl_c_saves_and_resume_continues_the_same_losses(tiny_model, tmp_path)
     check_ctrl_c_then_resume(flags, tmp_path, "step 4:")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0"], "--lr: expected a finite number > 0, got 0.0"),
+    (["--lr", "-1"], "--lr: expected a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
+    (["--alpha", "0"], "--alpha: expected a finite number > 0, got 0.0"),
+    (["--alpha", "inf"], "--alpha: expected a finite number > 0, got inf"),
+    (["--eval-fraction", "0"], "--eval-fraction: expected a number in (0, 1), got 0.0"),
+    (["--eval-fraction", "nan"], "--eval-fraction: expected a number in (0, 1), got nan"),
+    (["--out", "FILE"], "--out FILE is a file, not a folder"),
+    (["--out", "FILE/run"], "--out FILE/run: FILE is a file, not a folder"),
+])
+def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, flags, message):
+    from jlora.app.cli import main
+    (tmp_path / "notes.txt").write_text("keep")
+    flags = [f.replace("FILE", str(tmp_path / "notes.txt")) for f in flags]
+    # a model that does not exist: the flag's own error comes first, before anything is loaded
+    assert main(["finetune", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"), *flags]) == 2
+    assert message.replace("FILE", str(tmp_path / "notes.txt")) in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep" and not (tmp_path / "run").exists()
+
+
+def test_the_lr_given_is_the_lr_trained():
+    import dataclasses
+    import jax.numpy as jnp
+    from jlora.app.finetune import DEFAULT_LR, FinetuneOptions, make_optimizer
+
+    def peak_update(lr):  # adam's second update (the first is at warm-up's lr 0) moves a weight by -lr
+        tx = make_optimizer(dataclasses.replace(FinetuneOptions(steps=10), lr=lr), None)
+        params, grads = {"w": jnp.zeros(())}, {"w": jnp.ones(())}
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(grads, state, params)
+        return float(-updates["w"])
+
+    assert peak_update(None) == pytest.approx(DEFAULT_LR["lora"], rel=1e-4)
+    assert peak_update(1e-5) == pytest.approx(1e-5, rel=1e-4) and peak_update(0.0) == 0.0  # 0 is not the default
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--targets", "q_projj"], "'q_projj' matches no module"),
+    (["--rank", "100000"], "rank 100000 exceeds"),
+    (["--mesh", "data=3"], "--batch 8: it must split over the 3 devices"),
+])
+def test_a_run_refused_after_loading_leaves_no_run_folder(tiny_model, tmp_path, capsys, flags, message):
+    from jlora.app.cli import main
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(tiny_model), "--out", str(out), *TINY, *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")  # with --overwrite, the old run stays until the new one can start
+    assert main(["finetune", "--model", str(tiny_model), "--out", str(out), "--overwrite", *TINY, *flags]) == 2
+    assert message in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep"
+
+
+def test_a_run_stopped_before_it_saved_anything_leaves_no_run_folder(tiny_model, tmp_path, monkeypatch):
+    import jlora.app.loop
+    from jlora.app.cli import main
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the first step compiles: the folder was made, nothing saved
+        raise KeyboardInterrupt
+    monkeypatch.setattr(jlora.app.loop, "run", interrupted)
+    assert main(["finetune", "--model", str(tiny_model), "--out", str(tmp_path / "run"), *TINY]) == 130
+    assert not (tmp_path / "run").exists()
+
+
 def test_csv_that_does_not_parse_names_the_line(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text('label,text\npositive,"good"\nnegative,"bad"\nnegative,"oops\n')

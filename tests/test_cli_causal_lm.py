@@ -64,6 +64,40 @@ def test_bad_input_is_named(tiny_model, tmp_path):
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 6))  # refused before the run folder is made
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-examples", "0"], "--eval-examples 0: the causal-lm task scores the held-out perplexity of at least one"),
+    (["--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
+    (["--lr", "-1"], "--lr: expected a finite number > 0, got -1.0"),
+    (["--alpha", "0"], "--alpha: expected a finite number > 0, got 0.0"),
+    (["--eval-fraction", "1.5"], "--eval-fraction: expected a number in (0, 1), got 1.5"),
+    (["--out", "FILE"], "--out FILE is a file, not a folder"),
+])
+def test_bad_flags_are_refused_before_the_model_loads(tmp_path, capsys, flags, message):
+    from jlora.app.cli import main
+    (tmp_path / "notes.txt").write_text("keep")
+    flags = [f.replace("FILE", str(tmp_path / "notes.txt")) for f in flags]
+    assert main(["finetune", *TINY, "--model", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "run"),
+                 *flags]) == 2
+    assert message.replace("FILE", str(tmp_path / "notes.txt")) in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep" and not (tmp_path / "run").exists()
+
+
+def test_a_run_refused_after_loading_leaves_no_run_folder(tiny_model, tmp_path, capsys):
+    from jlora.app.cli import main
+    out = tmp_path / "run"
+    for flags, message in ((["--targets", "q_projj"], "'q_projj' matches no module"),
+                           (["--rank", "100000"], "rank 100000 exceeds"),
+                           (["--mesh", "data=3"], "--batch 2: it must split")):
+        assert main(["finetune", *TINY, "--model", str(tiny_model), "--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")  # with --overwrite the old run stays until the new one can start
+        assert main(["finetune", *TINY, "--model", str(tiny_model), "--out", str(out), "--overwrite", *flags]) == 2
+        assert message in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep"
+        (out / "notes.txt").unlink()
+        out.rmdir()
+
+
 def test_gguf_model_in_merged_gguf_out(tmp_path):
     """A Llama GGUF file (tiny, random, SmolLM2's tokenizer fields) fine-tuned from the CLI: the merged
     GGUF it writes reads back through jlora's loader with the logits of the merged HF export."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from jlora.checkpoint import AdapterCheckpointer
 from jlora.config import LoraConfig
 from jlora.app.data import TextDataset, load_dataset
 from jlora.app.report import plot_metrics, read_metrics
+from jlora.app.run_folder import check_out, prepare_out, removed_if_unstarted
 
 MODES = ("lora", "head", "full")
 TASKS = ("classify", "causal-lm")
@@ -103,6 +104,13 @@ class FinetuneOptions:
         for name in ("eval_examples", "gen_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
+        for name in ("lr", "alpha"):  # lr None: the mode's / task's default
+            value = getattr(self, name)
+            if value is not None and not _finite(value, lambda v: v > 0):
+                raise ValueError(f"--{name}: expected a finite number > 0, got {value!r}"
+                                 + (" (leave --lr out for the default)" if name == "lr" else ""))
+        if not _finite(self.eval_fraction, lambda v: 0 < v < 1):
+            raise ValueError(f"--eval-fraction: expected a number in (0, 1), got {self.eval_fraction!r}")
         if self.quantize is not None:
             if self.quantize not in QUANTIZE:
                 raise ValueError(f"--quantize: expected one of {QUANTIZE}, got {self.quantize!r}")
@@ -122,11 +130,20 @@ class FinetuneOptions:
                                  "an example must fit in a row")
             if self.batch % self.accumulate:
                 raise ValueError(f"--batch {self.batch} does not split into --accumulate {self.accumulate} micro-batches")
+            if self.eval_examples < 1:
+                raise ValueError(f"--eval-examples {self.eval_examples}: the causal-lm task scores the held-out "
+                                 "perplexity of at least one example; expected >= 1")
         elif self.accumulate != 1 or self.remat:
             raise ValueError("--accumulate and --remat are options of the causal-lm task")
         from jlora.precision import DTYPES
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def _finite(value: Any, ok: Any) -> bool:
+    """``value`` is a real number (not a bool), finite, and ``ok(value)``."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value) and bool(ok(value))
 
 
 def model_dir(name: str) -> Path:
@@ -153,30 +170,6 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> np.ndarray:
     epoch, offset = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[offset * batch:(offset + 1) * batch]
-
-
-def check_out(options: FinetuneOptions) -> Path:
-    """The run folder, refused early (before anything is loaded): ``--resume`` needs its checkpoints,
-    an existing non-empty folder needs ``--overwrite``. Nothing is created or removed here."""
-    out = Path(options.out)
-    if options.resume:
-        if not (out / "checkpoints").is_dir():
-            raise FileNotFoundError(f"--resume: {out} has no checkpoints/ to resume from")
-    elif out.exists() and any(out.iterdir()) and not options.overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it or "
-                              "--resume to continue it")
-    return out
-
-
-def prepare_out(options: FinetuneOptions) -> Path:
-    """:func:`check_out`, then the folder made (emptied first with ``--overwrite``)."""
-    out = check_out(options)
-    if options.resume:
-        return out
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def build(options: FinetuneOptions, num_labels: int) -> tuple[Any, Any, LoraConfig | None, Any, Any]:
@@ -227,7 +220,7 @@ def dropout_key(seed: int) -> jax.Array:
 def make_optimizer(options: FinetuneOptions, config: LoraConfig | None) -> optax.GradientTransformation:
     """adamw (weight decay 0.01) with 10% linear warm-up and cosine decay to lr/10."""
     from jlora.optim import optimizer
-    lr = options.lr or DEFAULT_LR[options.mode]
+    lr = options.lr if options.lr is not None else DEFAULT_LR[options.mode]
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, options.steps // 10), options.steps, lr * 0.1)
     base = optax.adamw(schedule, weight_decay=0.01)
     return optimizer(base, config) if config is not None else base
@@ -268,10 +261,11 @@ def make_evaluator(model: Any, f: Any, batch: int = 64) -> Any:
 def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """Run the job (either task); returns the final metrics (also in ``<out>/final.json``)."""
     requested_dtype, options = options.dtype, options.resolved()
+    job = classify
     if options.task == "causal-lm":
-        from jlora.app.lm_job import run
-        return run(options, requested_dtype)
-    return classify(options, requested_dtype)
+        from jlora.app.lm_job import run as job
+    with removed_if_unstarted(options.out):  # a run stopped before it saved anything leaves no folder
+        return job(options, requested_dtype)
 
 
 def classify(options: FinetuneOptions, requested_dtype: str | None = None) -> dict[str, Any]:
@@ -282,13 +276,17 @@ def classify(options: FinetuneOptions, requested_dtype: str | None = None) -> di
     from jlora.summary import count, size_of
     from jlora.train import make_train_step
 
-    check_out(options)  # refused before anything loads; made once the data and model did
+    check_out(options)  # refused before anything loads; made once the data, model and adapters pass their checks
+    pods = None
+    if options.mesh:
+        from jlora.app.pods import Pods
+        pods = Pods.build(options.mesh)
+        pods.check_rows(options.batch)
     dataset = load_dataset(options.data)
     train_set, held_set = dataset.split(options.eval_fraction, options.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir(options.model))
     train, held = encode(tokenizer, train_set, options.max_length), encode(tokenizer, held_set, options.max_length)
     model, params, config, trainable, frozen = build(options, len(dataset.label_names))
-    out = prepare_out(options)
     f = apply(model, config) if config is not None else None
     tx = make_optimizer(options, config)
     opt_state = tx.init(trainable)
@@ -300,6 +298,7 @@ def classify(options: FinetuneOptions, requested_dtype: str | None = None) -> di
                 "labels": list(dataset.label_names),
                 "train_examples": len(train_set), "held_out_examples": len(held_set), "summary": summary,
                 "lora_config": config.to_dict() if config else None}
+    out = prepare_out(options)
     (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
     checkpointer = AdapterCheckpointer(out / "checkpoints", config, params, max_to_keep=2) if config else None
 
@@ -308,12 +307,8 @@ def classify(options: FinetuneOptions, requested_dtype: str | None = None) -> di
                               donate=False)
     evaluate = make_evaluator(model, f)
 
-    pods = None
-    if options.mesh:
+    if pods is not None:
         from jax.sharding import PartitionSpec as P
-        from jlora.app.pods import Pods
-        pods = Pods.build(options.mesh)
-        pods.check_rows(options.batch)
         rows = P(pods.batch_axes or None)
         shardings = pods.shardings(model, params, trainable, frozen, tx, config, batch_spec={
             "input_ids": rows, "attention_mask": rows, "labels": rows, "rng": P()})  # the dropout key: replicated

@@ -48,10 +48,11 @@ def generation_eval(lm: clm.CausalLM, frozen: Any, trainable: Any, config: Any,
 def run(options: Any, requested_dtype: str | None = None) -> dict[str, Any]:
     """Run the causal-LM job for resolved :class:`jlora.app.finetune.FinetuneOptions` (``requested_dtype``:
     what ``--dtype`` said, e.g. ``auto``); returns the final metrics."""
-    from jlora.app.finetune import batch_indices, check_out, make_optimizer, prepare_out
+    from jlora.app.finetune import batch_indices, make_optimizer
     from jlora.app.loop import Loop, run as run_loop
     from jlora.app.pods import gather
     from jlora.app.report import plot_metrics, read_metrics
+    from jlora.app.run_folder import check_out, prepare_out
     from jlora.checkpoint import AdapterCheckpointer
     from jlora.core import init
     from jlora.hf.families import default_config
@@ -62,7 +63,7 @@ def run(options: Any, requested_dtype: str | None = None) -> dict[str, Any]:
     from jlora.train import make_train_step
 
     pods, primary = _pods(options)
-    check_out(options)  # refused before anything loads; made once the model and data did
+    check_out(options)  # refused before anything loads; made once the model, data and adapters pass their checks
     lm = load_model(options)
     if options.pack and not lm.isolates_segments:
         raise ValueError(f"--pack: packed rows need attention kept within each example, which jlora gives "
@@ -79,8 +80,6 @@ def run(options: Any, requested_dtype: str | None = None) -> dict[str, Any]:
     if len(train["input_ids"]) < options.batch:
         raise ValueError(f"--batch {options.batch}: only {len(train['input_ids'])} training rows of {options.seq_len} tokens")
 
-    out = prepare_out(options) if primary else Path(options.out)
-    _barrier("prepared the run folder")
     overrides = {"target_modules": options.targets} if options.targets else {}
     config = default_config(lm.model, r=options.rank, lora_alpha=options.alpha, **overrides)
     lora = init(jax.random.key(options.seed), lm.params, config, dtype=jnp.float32)  # float32 over any base
@@ -102,6 +101,8 @@ def run(options: Any, requested_dtype: str | None = None) -> dict[str, Any]:
     stats = {"train_examples": len(train_enc), "held_out_examples": len(held_enc), "train_rows": len(train["input_ids"]),
              "train_target_tokens": int(sum(w.sum() for _, w in train_enc)),
              "row_fill": float((train["segment_ids"] > 0).mean())}
+    out = prepare_out(options) if primary else Path(options.out)
+    _barrier("prepared the run folder")
     if primary:
         (out / "run.json").write_text(json.dumps({"options": dataclasses.asdict(options), "summary": summary,
                                                   "model_source": lm.source, "lora_config": config.to_dict(), **stats},
