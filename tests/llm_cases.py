@@ -10,7 +10,7 @@ from jlora.hf.names import to_torch_state
 from cli_runs import jlora_cli  # noqa: F401 (re-exported for the causal-LM tests)
 
 TINY = ["--task", "causal-lm", "--batch", "2", "--max-length", "64", "--seq-len", "128", "--eval-examples", "4",
-        "--gen-examples", "2", "--max-new-tokens", "4", "--no-progress"]
+        "--gen-examples", "2", "--max-new-tokens", "4", "--no-progress", "--dtype", "float32"]  # exact comparisons
 
 
 def tiny_llama_config(**overrides):

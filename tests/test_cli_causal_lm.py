@@ -212,3 +212,17 @@ def test_qlora_run_end_to_end(tokenizer, tmp_path):
     assert refused.returncode == 2 and re.search(r"quantize model/layers/0/\w+/\w+/kernel: NF4 blocks of 64 do not "
                                                  r"divide its block \(fan_in\) axis of length 32", refused.stderr)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_bfloat16_causal_lm_run_and_its_float32_exports(tiny_model, tmp_path):
+    from safetensors.numpy import load_file
+    out = tmp_path / "run"
+    flags = TINY[:TINY.index("--dtype")] + ["--dtype", "bfloat16"]
+    done = jlora_cli("finetune", *flags, "--model", tiny_model, "--out", out, "--steps", "4", "--eval-every", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dtype: bfloat16: the frozen base in bfloat16" in done.stdout
+    final = json.loads((out / "final.json").read_text())
+    assert json.loads((out / "run.json").read_text())["options"]["dtype"] == "bfloat16"
+    assert np.isfinite(final["eval_perplexity"]) and final["eval_perplexity"] < final["perplexity_before"]
+    state = load_file(str(out / "merged" / "model.safetensors"))
+    assert {v.dtype for v in state.values()} == {np.dtype(np.float32)}
