@@ -108,6 +108,14 @@ def test_the_lr_given_is_the_lr_trained():
     assert peak_update(1e-5) == pytest.approx(1e-5, rel=1e-4) and peak_update(0.0) == 0.0  # 0 is not the default
 
 
+def test_resolved_options_record_the_lr_trained_and_refuse_a_negative_seed():
+    from jlora.app.finetune import DEFAULT_LR, FinetuneOptions
+    assert FinetuneOptions(mode="head").resolved().lr == DEFAULT_LR["head"]  # run.json's lr is the one trained
+    assert FinetuneOptions(task="causal-lm").resolved().lr == 1e-3 and FinetuneOptions(lr=2e-4).resolved().lr == 2e-4
+    with pytest.raises(ValueError, match=r"--seed: expected >= 0, got -1"):
+        FinetuneOptions(seed=-1).resolved()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--targets", "q_projj"], "'q_projj' matches no module"),
     (["--rank", "100000"], "rank 100000 exceeds"),

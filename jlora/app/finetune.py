@@ -92,7 +92,8 @@ class FinetuneOptions:
         options = dataclasses.replace(self, **filled)
         options.check()
         from jlora.precision import resolve_dtype
-        return dataclasses.replace(options, dtype=resolve_dtype(options.dtype))
+        lr = options.lr if options.lr is not None else DEFAULT_LR[options.mode]  # run.json records what trains
+        return dataclasses.replace(options, dtype=resolve_dtype(options.dtype), lr=lr)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -101,7 +102,7 @@ class FinetuneOptions:
         for name in names:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("eval_examples", "gen_examples"):
+        for name in ("eval_examples", "gen_examples", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(self, name)}")
         for name in ("lr", "alpha"):  # lr None: the mode's / task's default
