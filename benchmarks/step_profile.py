@@ -122,17 +122,26 @@ def profile(workload: str, dtype: str, steps: int, tiny: bool, folder: str) -> d
     dots, calls = dot_operand_dtypes(text), fusion_calls(text)
     by_dtype: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"ms": 0.0, "gflop": 0.0})
     converts = {"ms": 0.0, "ops": 0}
+    where: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+
+    def short(source: str) -> str:  # the jax op path without the layer index and the jit/transpose wrappers
+        return re.sub(r"/\d+/", "/N/", re.sub(r"^jit\(step\)/|transpose\(|jvp\(|\)", "", source or "?"))[-90:]
+
     for row in table["all"]:
         if row["kind"] == "matmul":
             key = dots.get(row["op"]) or dots.get(calls.get(row["op"], ""), "unknown")
             by_dtype[key]["ms"] += row["ms"]
             by_dtype[key]["gflop"] += row["gflop"]
+            if key.startswith("f32 x f32"):
+                where["f32 matmul"][short(row["source"])] += row["ms"]
         if "convert" in row["op"]:
             converts["ms"] += row["ms"]
             converts["ops"] += 1
+            where["convert"][short(row["source"])] += row["ms"]
     return {"workload": built["workload"], "dtype": dtype, "step_s": step_s, "memory": info.get("memory"),
             "dtypes": info.get("dtypes"), "classes": table["classes"], "traced_step_s": table["step_s"],
             "matmul_by_operand_dtype": dict(by_dtype), "converts": converts,
+            "where": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])[:8]) for k, v in where.items()},
             "by_source": op_profile.by_source(table, SOURCES),
             "top": [{k: r[k] for k in ("op", "kind", "ms", "gflop", "shape", "source")} for r in table["top"][:12]]}
 
@@ -149,7 +158,11 @@ def report(result: dict[str, Any], rates: dict[str, float]) -> list[str]:
     for key, v in sorted(result["matmul_by_operand_dtype"].items(), key=lambda kv: -kv[1]["ms"]):
         rate = v["gflop"] / v["ms"] * 1e3 if v["ms"] else 0.0
         lines.append(f"| {key} | {v['ms']:.0f} | {v['gflop']:.1f} | {rate:.0f} | {rate / rates[result['dtype']]:.0%} |")
-    lines += ["", f"converts: {result['converts']['ops']} ops, {result['converts']['ms']:.0f} ms / step", "",
+    lines += ["", f"converts: {result['converts']['ops']} ops, {result['converts']['ms']:.0f} ms / step", ""]
+    for what, sources in result["where"].items():
+        lines += [f"costliest {what} ops by jax source (ms / step):"] + \
+            [f"- {ms:.0f}: {source}" for source, ms in sources.items()] + [""]
+    lines += ["",
               "| jax source | ms / step | GFLOP |", "|---|---|---|"]
     for label, v in result["by_source"].items():
         lines.append(f"| {label} | {v['ms']:.0f} | {v['gflop']:.1f} |")
