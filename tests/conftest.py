@@ -25,6 +25,7 @@ OPTIONAL = ("torch", "peft")
 NEEDS_TORCH = {  # node id (prefix) -> what needs torch
     "test_hf_transformers5.py": "transformers 5 loads the exports in PyTorch",
     "test_scripts.py::test_causal_lm_example": "the example checks PyTorch's generation against Flax",
+    "test_scripts.py::test_adapter_bank_benchmark_quick": "the benchmark runs PEFT (in this interpreter)",
     # the benchmarks run their PEFT side in .venv-peft's interpreter where it exists (benchmarks/setup-peft.sh),
     # and need no torch here then; else in this one (tests/test_scripts.py: peft_python)
     **({} if os.path.exists(os.path.join(os.path.dirname(__file__), "..", ".venv-peft", "bin", "python")) else {

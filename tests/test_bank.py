@@ -128,7 +128,8 @@ def test_multi_tenant_gradients_come_only_from_own_examples():
                 rank = jb._leaf(bank.ranks, rec.module_key)[i]
                 if key == "lora_a":   # padded rank columns get no gradient: zero in lora_b keeps them out
                     slot, expected = slot[..., :rank], expected[..., :rank]
-                np.testing.assert_allclose(slot, expected, atol=1e-5, err_msg=f"{rec.path} {key} slot {i}")
+                # float32 rounding: the bank sums the rows' contributions in another order (jax 0.12: 3.5e-6 relative)
+                np.testing.assert_allclose(slot, expected, rtol=1e-5, atol=1e-5, err_msg=f"{rec.path} {key} slot {i}")
     unused = jb._leaf(grads, bank.targets[0].module_key)
     assert not np.asarray(jnp.take(unused["lora_a"], 3, axis=bank.targets[0].stack_dims)).any()  # slot 3: no examples
 
