@@ -15,8 +15,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # in a subprocess are skipped by name, and a test that imports them inside is skipped when it does.
 # With torch and peft installed (the lowest set, Python 3.11) nothing is skipped, and CI runs that
 # set with JLORA_TESTS=lowest: torch and peft must import (else the run stops: a missing peer must
-# not pass as skips), and the app's own tests that need no torch (APP_ONLY), which the default set
-# already ran, are deselected for time.
+# not pass as skips), and the app's own tests and the README/docs blocks that need no torch
+# (APP_ONLY), which the default set already ran, are deselected for time.
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
@@ -50,7 +50,8 @@ def pytest_pycollect_makemodule(module_path, parent):
     return _SkipWithoutOptional.from_parent(parent, path=module_path)
 
 
-APP_ONLY = ("test_cli.py", "test_cli_causal_lm.py", "test_serve.py", "test_scripts.py")
+# run in the default set only (the README's own): the app, and the README's and docs' blocks (test_readme.py)
+APP_ONLY = ("test_cli.py", "test_cli_causal_lm.py", "test_serve.py", "test_scripts.py", "test_readme.py")
 
 
 def _needs_torch(node: str) -> bool:
